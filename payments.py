@@ -1,0 +1,146 @@
+"""The book of payments this instance accepted: idempotency, the queue, dead letters.
+
+A payment is accepted once per correlationId and then moves
+PENDING -> PAID (recorded in the store) or PENDING -> DEAD (dead-lettered,
+kept and visible). The queue holds PENDING payments ready to be attempted;
+payments waiting out a retry backoff sit in a timer heap until due.
+"""
+import heapq
+import itertools
+from collections import deque
+
+from store import PROCESSOR_NAMES
+from timestamps import format_ms
+
+PENDING, PAID, DEAD = "pending", "paid", "dead_letter"
+
+ACCEPTED, ALREADY_ACCEPTED, CONFLICT, QUEUE_FULL = range(4)
+
+
+class Payment:
+    __slots__ = ("correlation_id", "cents", "state", "attempts", "last_error",
+                 "requested_at", "ambiguous", "pinned", "paid_by", "accepted_at")
+
+    def __init__(self, correlation_id, cents, accepted_at):
+        self.correlation_id = correlation_id
+        self.cents = cents
+        self.state = PENDING
+        self.attempts = 0
+        self.last_error = None
+        # requestedAt (ms) per processor, fixed at the first attempt to it and
+        # reused on every retry there, so the processor's books and ours agree.
+        self.requested_at = [None, None]
+        # True once an attempt to that processor ended without a definite answer:
+        # the processor may have stored it, so only it may settle the payment.
+        self.ambiguous = [False, False]
+        self.pinned = None       # processor index the payment must stay on, or None
+        self.paid_by = None
+        self.accepted_at = accepted_at
+
+    @property
+    def amount_text(self):
+        return "%d.%02d" % divmod(self.cents, 100)
+
+    def describe(self):
+        info = {
+            "correlationId": self.correlation_id,
+            "amount": self.cents / 100,
+            "status": self.state,
+            "attempts": self.attempts,
+            "lastError": self.last_error,
+        }
+        if self.paid_by is not None:
+            info["processor"] = PROCESSOR_NAMES[self.paid_by]
+            info["requestedAt"] = format_ms(self.requested_at[self.paid_by])
+        return info
+
+
+class PaymentBook:
+    def __init__(self, queue_capacity, index_capacity):
+        self.queue_capacity = queue_capacity
+        self.index_capacity = index_capacity
+        self._index = {}              # correlationId -> Payment (insertion ordered)
+        self.ready = deque()          # PENDING payments free to go to any processor
+        self.pinned = (deque(), deque())  # PENDING payments that must stay on one processor
+        self._waiting = []            # heap of (due, n, payment) backing off before a retry
+        self._tiebreak = itertools.count()
+        self.pending = 0              # PENDING payments, wherever they are (queue, heap, in flight)
+        self.paid = 0
+        self.dead = 0
+        self.on_ready = None          # called when work becomes ready (the dispatcher's wake-up)
+
+    # ----- accepting -----------------------------------------------------------------
+    def accept(self, correlation_id, cents, now_ms):
+        known = self._index.get(correlation_id)
+        if known is not None:
+            return ALREADY_ACCEPTED if known.cents == cents else CONFLICT
+        if self.pending >= self.queue_capacity:
+            return QUEUE_FULL
+        payment = Payment(correlation_id, cents, now_ms)
+        self._index[correlation_id] = payment
+        if len(self._index) > self.index_capacity:
+            self._forget_oldest_finished()
+        self.pending += 1
+        self.ready.append(payment)
+        if self.on_ready is not None:
+            self.on_ready()
+        return ACCEPTED
+
+    def _forget_oldest_finished(self):
+        # Oldest first; a still-pending payment is never forgotten.
+        while len(self._index) > self.index_capacity:
+            oldest_id = next(iter(self._index))
+            if self._index[oldest_id].state == PENDING:
+                return
+            del self._index[oldest_id]
+
+    def get(self, correlation_id):
+        return self._index.get(correlation_id)
+
+    # ----- queue ---------------------------------------------------------------------
+    def requeue(self, payment):
+        """Put a payment back at the front: it was taken but could not be sent."""
+        queue = self.ready if payment.pinned is None else self.pinned[payment.pinned]
+        queue.appendleft(payment)
+
+    def retry_later(self, payment, due):
+        heapq.heappush(self._waiting, (due, next(self._tiebreak), payment))
+
+    def release_due(self, now):
+        """Move payments whose backoff has ended back to their queues; next due time or None."""
+        waiting = self._waiting
+        released = False
+        while waiting and waiting[0][0] <= now:
+            payment = heapq.heappop(waiting)[2]
+            if payment.state != PENDING:
+                continue
+            queue = self.ready if payment.pinned is None else self.pinned[payment.pinned]
+            queue.append(payment)
+            released = True
+        if released and self.on_ready is not None:
+            self.on_ready()
+        return waiting[0][0] if waiting else None
+
+    def queued(self):
+        return len(self.ready) + len(self.pinned[0]) + len(self.pinned[1])
+
+    # ----- outcomes ------------------------------------------------------------------
+    def mark_paid(self, payment, processor):
+        payment.state = PAID
+        payment.paid_by = processor
+        payment.pinned = None
+        self.pending -= 1
+        self.paid += 1
+
+    def mark_dead(self, payment, reason):
+        payment.state = DEAD
+        payment.last_error = reason
+        payment.pinned = None
+        self.pending -= 1
+        self.dead += 1
+
+    def forget_finished(self):
+        """After a purge: forget paid and dead payments, keep everything still pending."""
+        self._index = {cid: p for cid, p in self._index.items() if p.state == PENDING}
+        self.paid = 0
+        self.dead = 0

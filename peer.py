@@ -1,0 +1,231 @@
+"""The link between the two instances, over Unix sockets.
+
+Each instance listens on its own socket and dials the other's, so there are
+two connections and each carries one direction of the data:
+
+    A dials B:   B -> A  HELLO {epoch, highWater, purgedAt}     (what B holds)
+                 A -> B  PURGE (if B missed one), then every record B lacks,
+                         then each record A pays, as it is paid; health
+                         reports; purges; lookups (B answers on this connection)
+
+Records are named by (origin epoch, sequence number), and sequence numbers of
+one epoch travel in order, so "highWater" (the highest sequence held per
+epoch) says exactly what a store lacks: a restarted or reconnected peer gets
+everything it missed, and nothing is ever counted twice.
+
+Messages are JSON arrays, one per line: ["R", records], ["S", processor,
+report], ["P", purgedAt], ["L", id, correlationId] / ["l", id, answer].
+"""
+import asyncio
+import itertools
+import logging
+import os
+
+import orjson
+
+from timestamps import now_ms
+
+log = logging.getLogger("peer")
+RESYNC_CHUNK = 2000       # records per write while resynchronising (keeps each loop step short)
+LINE_LIMIT = 16 * 1024 * 1024
+RECONNECT_S = 0.25
+LOOKUP_TIMEOUT_S = 0.5
+
+
+class PeerLink:
+    def __init__(self, settings, store, on_purge, on_health, on_lookup):
+        self._listen_path = settings.peer_listen
+        self._connect_path = settings.peer_connect
+        self._store = store
+        self._on_purge = on_purge        # apply a purge locally (store + book)
+        self._on_health = on_health      # (processor, report) from the peer's monitor
+        self._on_lookup = on_lookup      # correlationId -> description dict or None
+        self.purged_at = 0
+        self.link_up = False             # our outgoing connection is synchronised
+        self._writer = None
+        self._syncing = False
+        self._batch = []                 # records paid this loop step, flushed once per step
+        self._outbox = []                # records paid while a resync is in progress
+        self._flush_scheduled = False
+        self._lookups = {}
+        self._lookup_ids = itertools.count(1)
+        self._server = None
+        self._tasks = []
+        self.records_sent = 0
+        self.records_received = 0
+        self.connects = 0
+
+    @property
+    def enabled(self):
+        return bool(self._listen_path and self._connect_path)
+
+    async def start(self):
+        if not self.enabled:
+            return
+        if os.path.exists(self._listen_path):
+            os.unlink(self._listen_path)
+        self._server = await asyncio.start_unix_server(self._serve_incoming, path=self._listen_path, limit=LINE_LIMIT)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._dial_forever()))
+
+    async def close(self):
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+        if self._writer is not None:
+            self._writer.close()
+
+    # ----- what the rest of the instance calls --------------------------------------
+    def publish(self, record):
+        """A record this instance just paid: send it to the peer soon (same loop step)."""
+        if self._writer is None:
+            return                       # the resync after reconnecting will carry it
+        if self._syncing:
+            self._outbox.append(record)
+            return
+        self._batch.append(record)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self):
+        self._flush_scheduled = False
+        batch, self._batch = self._batch, []
+        if batch and self._writer is not None:
+            self._send(["R", batch])
+            self.records_sent += len(batch)
+
+    def send_health(self, processor, report):
+        if self.link_up:
+            self._send(["S", processor, report])
+
+    def purge(self):
+        """Purge here and at the peer (now, or when the link returns)."""
+        self.purged_at = max(now_ms(), self.purged_at + 1)
+        self._outbox.clear()
+        self._batch.clear()
+        self._on_purge()
+        if self._writer is not None:
+            self._send(["P", self.purged_at])
+
+    async def lookup(self, correlation_id):
+        """Ask the peer what it knows of a payment; None if it does not know or cannot answer."""
+        if not self.link_up:
+            return None
+        request_id = next(self._lookup_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._lookups[request_id] = future
+        self._send(["L", request_id, correlation_id])
+        try:
+            return await asyncio.wait_for(future, LOOKUP_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            self._lookups.pop(request_id, None)
+
+    def _send(self, message):
+        try:
+            self._writer.write(orjson.dumps(message) + b"\n")
+        except Exception:
+            pass                         # a broken link is noticed by its reader
+
+    # ----- outgoing: our records to the peer ----------------------------------------
+    async def _dial_forever(self):
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(self._connect_path, limit=LINE_LIMIT)
+            except OSError:
+                await asyncio.sleep(RECONNECT_S)
+                continue
+            try:
+                await self._run_outgoing(reader, writer)
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                log.info("peer link lost: %s", type(exc).__name__)
+            finally:
+                self.link_up = False
+                self._writer = None
+                self._syncing = False
+                self._outbox.clear()
+                self._batch.clear()
+                writer.close()
+                for future in self._lookups.values():
+                    if not future.done():
+                        future.set_result(None)
+            await asyncio.sleep(RECONNECT_S)
+
+    async def _run_outgoing(self, reader, writer):
+        hello = orjson.loads(await reader.readline() or b"null")
+        if not isinstance(hello, dict):
+            raise ValueError("peer sent no hello")
+        if hello["purgedAt"] > self.purged_at:
+            self._apply_purge(hello["purgedAt"])
+        self._writer = writer
+        if hello["purgedAt"] < self.purged_at:
+            self._send(["P", self.purged_at])
+        self._syncing = True
+        missing = self._store.records_above(hello["highWater"])
+        chunk = []
+        for record in missing:
+            chunk.append(record)
+            if len(chunk) == RESYNC_CHUNK:
+                self._send(["R", chunk])
+                self.records_sent += len(chunk)
+                chunk = []
+                await writer.drain()
+        if chunk:
+            self._send(["R", chunk])
+            self.records_sent += len(chunk)
+        self._syncing = False
+        if self._outbox:
+            self._send(["R", self._outbox])
+            self.records_sent += len(self._outbox)
+            self._outbox = []
+        self.link_up = True
+        self.connects += 1
+        log.info("peer link up (peer epoch %s, %d records sent)", hello["epoch"], self.records_sent)
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise asyncio.IncompleteReadError(b"", None)
+            message = orjson.loads(line)
+            if message[0] == "l":
+                future = self._lookups.get(message[1])
+                if future is not None and not future.done():
+                    future.set_result(message[2])
+
+    # ----- incoming: the peer's records to us ---------------------------------------
+    async def _serve_incoming(self, reader, writer):
+        hello = {"epoch": self._store.local_epoch, "highWater": self._store.high_water(),
+                 "purgedAt": self.purged_at}
+        writer.write(orjson.dumps(hello) + b"\n")
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                self._handle(orjson.loads(line), writer)
+        except (OSError, ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
+            log.info("peer connection closed: %s", type(exc).__name__)
+        finally:
+            writer.close()
+
+    def _handle(self, message, writer):
+        kind = message[0]
+        if kind == "R":
+            ingest = self._store.ingest
+            for record in message[1]:
+                if ingest(*record):
+                    self.records_received += 1
+        elif kind == "S":
+            self._on_health(message[1], message[2])
+        elif kind == "P":
+            if message[1] > self.purged_at:
+                self._apply_purge(message[1])
+        elif kind == "L":
+            writer.write(orjson.dumps(["l", message[1], self._on_lookup(message[2])]) + b"\n")
+
+    def _apply_purge(self, purged_at):
+        self.purged_at = purged_at
+        self._outbox.clear()
+        self._batch.clear()
+        self._on_purge()

@@ -1,0 +1,370 @@
+"""Paying through the two processors.
+
+- ProcessorClient: one long-lived aiohttp session; every answer is classified
+  as paid, duplicate, definite failure, ambiguous or rejected.
+- Breaker: per processor; opens after consecutive failures, lets one probe
+  through at growing intervals, closes on success or a healthy health report.
+- HealthMonitor: reads /payments/service-health without ever exceeding the
+  processors' one call per 5 s, counting both instances together.
+- Dispatcher: drains the book's queue at a bounded rate and concurrency and
+  applies the exactly-once rules (see Dispatcher._settle).
+"""
+import asyncio
+import logging
+import random
+
+import aiohttp
+import orjson
+
+from payments import PENDING
+from store import DEFAULT, FALLBACK, PROCESSOR_NAMES
+from timestamps import format_ms, now_ms
+
+log = logging.getLogger("processors")
+
+PAID_OK, DUPLICATE, FAILED, AMBIGUOUS, REJECTED = "paid", "duplicate", "failed", "ambiguous", "rejected"
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class ProcessorClient:
+    def __init__(self, settings):
+        self._settings = settings
+        bases = (settings.processor_default_url.rstrip("/"), settings.processor_fallback_url.rstrip("/"))
+        self.payments_urls = tuple(base + "/payments" for base in bases)
+        self.health_urls = tuple(base + "/payments/service-health" for base in bases)
+        self._session = None
+
+    async def start(self):
+        s = self._settings
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=max(s.max_in_flight_default, s.max_in_flight_fallback) + 2,
+            keepalive_timeout=60,
+            ttl_dns_cache=300,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=s.request_timeout_processor_s, connect=s.connect_timeout_s),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self):
+        if self._session is not None:
+            await self._session.close()
+
+    async def pay(self, processor, body):
+        """POST one payment; returns (outcome, detail)."""
+        try:
+            async with self._session.post(self.payments_urls[processor], data=body,
+                                          headers=_JSON_HEADERS) as response:
+                status = response.status
+                try:
+                    await response.read()   # keeps the connection reusable; the body says nothing we need
+                except Exception:
+                    pass                    # the status line already settled the outcome
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # No connection was made, so nothing was sent: a definite failure.
+            return FAILED, "connect failed: %s" % type(exc).__name__
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Timeout, reset or garbage after the request left: it may have been stored.
+            return AMBIGUOUS, "no definite answer: %s" % type(exc).__name__
+        if status == 200:
+            return PAID_OK, None
+        if status == 422:
+            return DUPLICATE, "HTTP 422"
+        if status >= 500 or status == 429:
+            return FAILED, "HTTP %d" % status
+        return REJECTED, "HTTP %d" % status
+
+    async def health(self, processor):
+        """The processor's health report as a dict, or None when it could not be read."""
+        try:
+            async with self._session.get(self.health_urls[processor]) as response:
+                if response.status not in (200, 503):   # a failing processor answers 503 with the report
+                    return None
+                data = orjson.loads(await response.read())
+            return {"failing": bool(data["failing"]), "minResponseTime": int(data["minResponseTime"])}
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return None
+
+
+class Breaker:
+    CLOSED, OPEN, PROBING = "closed", "open", "half_open"
+
+    def __init__(self, failures_to_open, probe_s, probe_max_s):
+        self.failures_to_open = failures_to_open
+        self.probe_s = probe_s
+        self.probe_max_s = probe_max_s
+        self.state = self.CLOSED
+        self.failures = 0            # consecutive
+        self.retry_at = 0.0          # loop time when an OPEN breaker lets a probe through
+        self.opened_at = None        # loop time it last went from closed to open
+        self._probe_delay = probe_s
+
+    def allows(self, now):
+        if self.state == self.CLOSED:
+            return True
+        return self.state == self.OPEN and now >= self.retry_at
+
+    def on_send(self):
+        if self.state == self.OPEN:
+            self.state = self.PROBING
+
+    def on_success(self):
+        self.state = self.CLOSED
+        self.failures = 0
+        self.opened_at = None
+        self._probe_delay = self.probe_s
+
+    def on_failure(self, now):
+        self.failures += 1
+        if self.state == self.PROBING or (self.state == self.CLOSED and self.failures >= self.failures_to_open):
+            self._open(now)
+
+    def on_health(self, failing, now):
+        if failing and self.state == self.CLOSED:
+            self._open(now)
+        elif not failing and self.state == self.OPEN:
+            self.retry_at = now      # probe at once instead of waiting out the delay
+
+    def _open(self, now):
+        if self.opened_at is None:
+            self.opened_at = now
+        self.state = self.OPEN
+        self.retry_at = now + self._probe_delay * random.uniform(0.8, 1.2)
+        self._probe_delay = min(self._probe_delay * 2, self.probe_max_s)
+
+
+class HealthMonitor:
+    """Keeps the last health report per processor.
+
+    The processors allow one health call per 5 s, shared by every caller. While
+    the peer link is up only instance 1 polls (every health_interval_s) and
+    shares what it reads; while it is down each instance polls at twice that
+    interval. Each poller waits for its call before the next, so at most two
+    calls are ever outstanding: the processor holds the second, never a 429.
+    """
+
+    def __init__(self, settings, client, breakers, peer=None):
+        self._settings = settings
+        self._client = client
+        self._breakers = breakers
+        self.peer = peer
+        self.reports = [None, None]   # {"failing", "minResponseTime", "checkedAt"}
+        self.calls = 0
+
+    def apply(self, processor, report, share=True):
+        loop_now = asyncio.get_running_loop().time()
+        self.reports[processor] = report
+        self._breakers[processor].on_health(report["failing"], loop_now)
+        if share and self.peer is not None:
+            self.peer.send_health(processor, report)
+
+    async def run(self):
+        await asyncio.gather(self._poll(DEFAULT), self._poll(FALLBACK))
+
+    async def _poll(self, processor):
+        loop = asyncio.get_running_loop()
+        interval = self._settings.health_interval_s
+        last_call = -1e9
+        while True:
+            link_up = self.peer is not None and self.peer.link_up
+            if link_up and self._settings.instance_id != 1:
+                await asyncio.sleep(1.0)          # instance 1 polls and shares
+                continue
+            wait = last_call + (interval if link_up else 2 * interval) - loop.time()
+            if wait > 0:
+                await asyncio.sleep(min(wait, 1.0))  # re-check the link at least every second
+                continue
+            last_call = loop.time()
+            self.calls += 1
+            report = await self._client.health(processor)
+            if report is not None:
+                report["checkedAt"] = format_ms(now_ms())
+                self.apply(processor, report)
+
+
+class Dispatcher:
+    """Takes payments from the book and pays them, at a bounded rate.
+
+    Rate: a token bucket (dispatch_rate per second, dispatch_burst at once),
+    so a backlog drains as an even stream rather than a burst that would hold
+    the event loop (and the CPU quota) while payment requests wait.
+    """
+
+    def __init__(self, settings, book, store, client, breakers, on_paid=None):
+        self._settings = settings
+        self._book = book
+        self._store = store
+        self._client = client
+        self.breakers = breakers
+        self.on_paid = on_paid
+        self.in_flight = [0, 0]
+        self._max_in_flight = (settings.max_in_flight_default, settings.max_in_flight_fallback)
+        self._tokens = float(settings.dispatch_burst)
+        self._tokens_at = 0.0
+        self._waiter = None
+        self._tasks = set()
+        self.attempts = [0, 0]
+        self.retries = [0, 0]
+        self.outcomes = {}
+        self._loop = None
+        book.on_ready = self.wake
+
+    def wake(self):
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def run(self):
+        self._loop = loop = asyncio.get_running_loop()
+        self._tokens_at = loop.time()
+        while True:
+            now = loop.time()
+            next_due = self._book.release_due(now)
+            self._refill(now)
+            self._dispatch(now)
+            wake_at = self._next_wake(now, next_due)
+            if wake_at is not None and wake_at <= now:
+                await asyncio.sleep(0)
+                continue
+            self._waiter = loop.create_future()
+            timer = loop.call_at(wake_at, self.wake) if wake_at is not None else None
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+
+    def _refill(self, now):
+        rate, burst = self._settings.dispatch_rate, self._settings.dispatch_burst
+        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+
+    def _can_send(self, processor, now):
+        return self.in_flight[processor] < self._max_in_flight[processor] and self.breakers[processor].allows(now)
+
+    def _route(self, now):
+        """Where an unpinned payment goes now, or None to keep it waiting."""
+        if self._can_send(DEFAULT, now):
+            return DEFAULT
+        if self._fallback_permitted(now) and self._can_send(FALLBACK, now):
+            return FALLBACK
+        return None
+
+    def _fallback_permitted(self, now):
+        policy = self._settings.fallback_policy
+        default = self.breakers[DEFAULT]
+        if policy == "never" or default.state == Breaker.CLOSED:
+            return False
+        if policy == "eager":
+            return True
+        # patient: a fallback payment costs 10 points of fee; waiting costs nothing
+        # as long as the queue drains, so pay it only for a long outage or a full queue.
+        outage = now - default.opened_at if default.opened_at is not None else 0.0
+        nearly_full = self._book.pending >= self._settings.fallback_queue_ratio * self._book.queue_capacity
+        return outage >= self._settings.fallback_after_s or nearly_full
+
+    def _dispatch(self, now):
+        book = self._book
+        for processor in (DEFAULT, FALLBACK):
+            queue = book.pinned[processor]
+            while queue and self._tokens >= 1 and self._can_send(processor, now):
+                self._start(queue.popleft(), processor)
+        while book.ready and self._tokens >= 1:
+            processor = self._route(now)
+            if processor is None:
+                break
+            self._start(book.ready.popleft(), processor)
+
+    def _next_wake(self, now, next_due):
+        """When the loop must look again without being woken (None: only when woken)."""
+        candidates = [] if next_due is None else [next_due]
+        if self._book.queued():
+            if self._tokens < 1:
+                candidates.append(now + (1 - self._tokens) / self._settings.dispatch_rate)
+            for breaker in self.breakers:
+                if breaker.state == Breaker.OPEN:
+                    candidates.append(breaker.retry_at)
+            if self._settings.fallback_policy == "patient" and self.breakers[DEFAULT].opened_at is not None:
+                candidates.append(self.breakers[DEFAULT].opened_at + self._settings.fallback_after_s)
+        return min(candidates) if candidates else None
+
+    def _start(self, payment, processor):
+        self._tokens -= 1
+        self.breakers[processor].on_send()
+        self.in_flight[processor] += 1
+        self.attempts[processor] += 1
+        if payment.attempts:
+            self.retries[processor] += 1
+        payment.attempts += 1
+        if payment.requested_at[processor] is None:
+            payment.requested_at[processor] = now_ms()
+        task = self._loop.create_task(self._attempt(payment, processor))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _attempt(self, payment, processor):
+        body = b'{"correlationId":"%s","amount":%s,"requestedAt":"%s"}' % (
+            payment.correlation_id.encode(), payment.amount_text.encode(),
+            format_ms(payment.requested_at[processor]).encode())
+        try:
+            outcome, detail = await self._client.pay(processor, body)
+        except asyncio.CancelledError:
+            outcome, detail = AMBIGUOUS, "cancelled at shutdown"
+            raise
+        except Exception as exc:        # a bug of ours: keep the payment, say so once
+            log.exception("payment attempt failed unexpectedly")
+            outcome, detail = AMBIGUOUS, "internal error: %s" % type(exc).__name__
+        finally:
+            self.in_flight[processor] -= 1
+            self._settle(payment, processor, outcome, detail)
+            self.wake()
+
+    def _settle(self, payment, processor, outcome, detail):
+        """The exactly-once rules.
+
+        - 200, or 422 after an earlier ambiguous attempt there: the processor
+          has it with the requestedAt we sent, so record it now.
+        - 422 with no earlier ambiguity, or any other 4xx: dead letter.
+        - definite failure (5xx, 429, no connection): retry later, free to move
+          unless an earlier ambiguous attempt pins it to this processor.
+        - ambiguous (timeout, reset after sending): retry on this processor only.
+        """
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if payment.state != PENDING:
+            return
+        breaker = self.breakers[processor]
+        now = self._loop.time()
+        if outcome == PAID_OK or (outcome == DUPLICATE and payment.ambiguous[processor]):
+            breaker.on_success()
+            record = self._store.record_local(payment.requested_at[processor], payment.cents, processor)
+            self._book.mark_paid(payment, processor)
+            if self.on_paid is not None:
+                self.on_paid(record)
+            return
+        if outcome in (DUPLICATE, REJECTED):
+            breaker.on_success()    # the processor answered; the payment is what it refused
+            self._book.mark_dead(payment, "%s refused it: %s" % (PROCESSOR_NAMES[processor], detail))
+            log.warning("dead-lettered %s: %s", payment.correlation_id, payment.last_error)
+            return
+        breaker.on_failure(now)
+        payment.last_error = "%s: %s" % (PROCESSOR_NAMES[processor], detail)
+        if outcome == AMBIGUOUS:
+            payment.ambiguous[processor] = True
+            payment.pinned = processor
+        s = self._settings
+        backoff = min(s.retry_max_s, s.retry_base_s * 2 ** min(payment.attempts - 1, 16))
+        self._book.retry_later(payment, now + backoff * random.uniform(0.5, 1.5))
+
+    async def stop(self):
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

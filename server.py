@@ -1,0 +1,362 @@
+"""One API instance: an HTTP/1.1 server on a raw asyncio.Protocol (httptools, uvloop).
+
+The protocol's parser callbacks each do one small thing; responses are
+written in request order (pipelining) from one place, _write_ready. Limits:
+head > max_head_bytes -> 431, body > max_body_bytes -> 413, malformed -> 400,
+a request not complete within request_timeout_s -> 408; each closes the
+connection. Idle keep-alive connections close after keepalive_timeout_s.
+
+Run: python server.py (settings from the environment, see config.py).
+"""
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from http import HTTPStatus
+
+import httptools
+import orjson
+
+from config import Settings
+from payments import PaymentBook
+from peer import PeerLink
+from processors import Breaker, Dispatcher, HealthMonitor, ProcessorClient
+from router import Router, describe_local, json_error
+from store import PaymentStore
+
+log = logging.getLogger("server")
+
+_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+_KEEP_ALIVE = b"connection: keep-alive\r\n"
+_CLOSE = b"connection: close\r\n"
+_INTERNAL_ERROR = json_error(500, "internal error")
+_response_cache = {}
+
+
+def render(response, keep_alive, http10=False):
+    """(status, header_lines, body) -> bytes; answers without a body are cached."""
+    status, headers, body = response
+    key = (status, headers, keep_alive, http10) if not body else None
+    if key is not None:
+        cached = _response_cache.get(key)
+        if cached is not None:
+            return cached
+    connection = (_KEEP_ALIVE if http10 else b"") if keep_alive else _CLOSE
+    data = b"%s%scontent-length: %d\r\n%s\r\n%s" % (_STATUS_LINES[status], headers, len(body), connection, body)
+    if key is not None:
+        _response_cache[key] = data
+    return data
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = ("_instance", "_settings", "_router", "_loop", "_transport", "_parser", "_url",
+                 "_body", "_body_size", "_head_size", "_head_exact", "_in_request", "_request_timer",
+                 "_idle_timer", "_responses", "_closing", "_paused")
+
+    def __init__(self, instance):
+        self._instance = instance
+        self._settings = instance.settings
+        self._router = instance.router
+        self._loop = instance.loop
+        self._transport = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._body = []
+        self._body_size = 0
+        self._head_size = 0      # raw bytes seen while a head is incomplete (header floods)
+        self._head_exact = 0     # url + header bytes of the current request
+        self._in_request = False
+        self._request_timer = None
+        self._idle_timer = None
+        # Answers in request order: bytes, or an asyncio.Task still computing one.
+        self._responses = deque()
+        self._closing = False
+        self._paused = False
+
+    # ----- connection ----------------------------------------------------------------
+    def connection_made(self, transport):
+        self._transport = transport
+        self._instance.connections += 1
+        self._start_idle_timer()
+
+    def connection_lost(self, exc):
+        self._instance.connections -= 1
+        self._closing = True
+        self._cancel_timers()
+        for item in self._responses:
+            if not isinstance(item, bytes):
+                item.cancel()
+        self._responses.clear()
+
+    def pause_writing(self):
+        # The client is not reading its answers: stop reading its requests too.
+        self._paused = True
+        self._transport.pause_reading()
+
+    def resume_writing(self):
+        self._paused = False
+        if not self._closing:
+            self._transport.resume_reading()
+
+    def data_received(self, data):
+        if self._closing:
+            return
+        if not self._in_request:
+            self._head_size = 0
+        if self._head_size >= 0:                      # still in a request's head
+            self._head_size += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Reject):
+                self._fail(exc.__context__.status, exc.__context__.message)
+            else:                                      # our own bug: answer 500, keep the process
+                log.error("unexpected error while parsing", exc_info=exc.__context__)
+                self._fail(500, "internal error")
+        except httptools.HttpParserError:
+            self._fail(400, "malformed HTTP request")
+        except Exception:
+            log.exception("unexpected error while handling a request")
+            self._fail(500, "internal error")
+        else:
+            if self._head_size > self._settings.max_head_bytes and not self._closing:
+                self._fail(431, "request head too large")
+
+    # ----- parser callbacks ----------------------------------------------------------
+    def on_message_begin(self):
+        self._in_request = True
+        self._head_exact = 0
+        self._url = b""
+        self._body = []
+        self._body_size = 0
+        self._cancel_idle_timer()
+        if self._request_timer is None:
+            self._request_timer = self._loop.call_later(self._settings.request_timeout_s, self._on_request_timeout)
+
+    def on_url(self, url):
+        self._url += url
+        self._head_exact += len(url)
+
+    def on_header(self, name, value):
+        self._head_exact += len(name) + len(value) + 4
+        if self._head_exact > self._settings.max_head_bytes:
+            raise _Reject(431, "request head too large")
+        # Refuse an announced oversized body before reading any of it.
+        if len(name) == 14 and name.lower() == b"content-length" and value.isdigit() \
+                and int(value) > self._settings.max_body_bytes:
+            raise _Reject(413, "request body too large")
+
+    def on_headers_complete(self):
+        self._head_size = -1                          # what follows is body
+
+    def on_body(self, body):
+        self._body_size += len(body)
+        if self._body_size > self._settings.max_body_bytes:
+            raise _Reject(413, "request body too large")
+        self._body.append(body)
+
+    def on_message_complete(self):
+        self._in_request = False
+        self._head_size = 0
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
+        keep_alive = self._parser.should_keep_alive()
+        http10 = self._parser.get_http_version() == "1.0"
+        url = self._url
+        query_at = url.find(b"?")
+        if query_at >= 0:
+            path, query = url[:query_at].decode("latin-1"), url[query_at + 1:].decode("latin-1")
+        else:
+            path, query = url.decode("latin-1"), ""
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        try:
+            response = self._router.handle(self._parser.get_method(), path, query, body)
+        except Exception:
+            log.exception("unexpected error in a handler")
+            response, keep_alive = _INTERNAL_ERROR, False
+        if type(response) is tuple:
+            self._responses.append(render(response, keep_alive, http10))
+        else:
+            task = self._loop.create_task(self._finish_async(response, keep_alive, http10))
+            self._responses.append(task)
+        if not keep_alive:
+            self._closing = True
+        self._write_ready()
+
+    # ----- writing answers, in order -------------------------------------------------
+    async def _finish_async(self, coroutine, keep_alive, http10):
+        try:
+            response = await coroutine
+        except Exception:
+            log.exception("unexpected error in a handler")
+            response, keep_alive = _INTERNAL_ERROR, False
+        return render(response, keep_alive, http10)
+
+    def _write_ready(self):
+        responses = self._responses
+        while responses:
+            head = responses[0]
+            if type(head) is not bytes:
+                if not head.done():
+                    head.add_done_callback(self._on_async_done)
+                    return
+                head = head.result()
+            responses.popleft()
+            self._transport.write(head)
+        if self._closing:
+            self._transport.close()
+        elif not self._in_request:
+            self._start_idle_timer()
+
+    def _on_async_done(self, task):
+        if not task.cancelled() and self._transport is not None and not self._transport.is_closing():
+            self._write_ready()
+
+    def _fail(self, status, message):
+        """Answer an error that ends the connection (after earlier answers)."""
+        if self._closing:
+            return                                    # already ending; nothing more to say
+        self._closing = True
+        self._cancel_timers()
+        self._responses.append(render(json_error(status, message), keep_alive=False))
+        self._write_ready()
+
+    # ----- timers --------------------------------------------------------------------
+    def _on_request_timeout(self):
+        self._request_timer = None
+        if not self._closing:
+            self._fail(408, "request not completed in time")
+
+    def _start_idle_timer(self):
+        self._cancel_idle_timer()
+        self._idle_timer = self._loop.call_later(self._settings.keepalive_timeout_s, self._transport.close)
+
+    def _cancel_idle_timer(self):
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _cancel_timers(self):
+        self._cancel_idle_timer()
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing and answer with an error."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Instance:
+    """Everything one API instance is made of, wired together."""
+
+    def __init__(self, settings, loop):
+        self.settings = settings
+        self.loop = loop
+        self.connections = 0
+        epoch = "%d-%d" % (settings.instance_id, time.time_ns())
+        self.store = PaymentStore(settings.store_capacity, epoch)
+        self.book = PaymentBook(settings.queue_capacity, settings.index_capacity)
+        self.client = ProcessorClient(settings)
+        self.breakers = tuple(Breaker(settings.breaker_failures, settings.breaker_probe_s, settings.breaker_probe_max_s)
+                              for _ in range(2))
+        self.peer = PeerLink(settings, self.store, on_purge=self._purge_here,
+                             on_health=lambda processor, report: self.health.apply(processor, report, share=False),
+                             on_lookup=lambda correlation_id: describe_local(self.book, correlation_id))
+        self.health = HealthMonitor(settings, self.client, self.breakers, self.peer)
+        self.dispatcher = Dispatcher(settings, self.book, self.store, self.client, self.breakers,
+                                     on_paid=self.peer.publish)
+        self.router = Router(self)
+        self._servers = []
+        self._tasks = []
+
+    def _purge_here(self):
+        self.store.purge()
+        self.book.forget_finished()
+
+    async def start(self):
+        s = self.settings
+        await self.client.start()
+        await self.peer.start()
+        self._tasks.append(self.loop.create_task(self.dispatcher.run()))
+        if s.health_enabled:
+            self._tasks.append(self.loop.create_task(self.health.run()))
+        factory = lambda: HttpProtocol(self)
+        if s.socket_path:
+            if os.path.exists(s.socket_path):
+                os.unlink(s.socket_path)
+            self._servers.append(await self.loop.create_unix_server(factory, s.socket_path, backlog=4096))
+            os.chmod(s.socket_path, 0o666)   # HAProxy may run as another user
+        if s.http_port:
+            self._servers.append(await self.loop.create_server(factory, "127.0.0.1", s.http_port, backlog=4096))
+
+    async def stop(self, grace_s=10.0):
+        """Stop taking requests, let pending payments finish (bounded), then close."""
+        for server in self._servers:
+            server.close()
+        deadline = self.loop.time() + grace_s
+        while self.book.pending and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.book.pending:
+            log.warning("stopping with %d payments still pending", self.book.pending)
+        await asyncio.sleep(0.05)            # let the last paid records reach the peer
+        for task in self._tasks:
+            task.cancel()
+        await self.dispatcher.stop()
+        await self.peer.close()
+        await self.client.close()
+        if self.settings.socket_path and os.path.exists(self.settings.socket_path):
+            os.unlink(self.settings.socket_path)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record):
+        entry = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def setup_logging(level):
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+async def serve(settings):
+    loop = asyncio.get_running_loop()
+    instance = Instance(settings, loop)
+    await instance.start()
+    log.info("instance %d ready: %s", settings.instance_id, orjson.dumps(settings.public()).decode())
+    stopping = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stopping.done() or stopping.set_result(None))
+    await stopping
+    log.info("instance %d stopping", settings.instance_id)
+    await instance.stop()
+
+
+def main():
+    settings = Settings.from_env()
+    setup_logging(settings.log_level)
+    try:
+        import uvloop
+        uvloop.run(serve(settings))
+    except ImportError:
+        asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

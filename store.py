@@ -1,0 +1,230 @@
+"""Paid payments: a fixed-capacity ring of compact records, summarised fast.
+
+A record is what a processor confirmed: requestedAt (integer ms, exactly as
+sent), amount in integer cents, processor (0 default, 1 fallback), and where it
+came from (origin epoch + sequence number) so that two instances can exchange
+records and resynchronise without counting any twice.
+
+Summaries run on the event loop between payment requests, so their cost must
+not grow with the number of stored payments. Records are aggregated into
+100 ms buckets and 10 s blocks; a summary adds up the blocks and buckets that
+lie wholly inside the range and looks at single records only in the two edge
+buckets. Cost: O(span / 10 s + 200 + records in two 100 ms buckets).
+
+When the ring is full the oldest record is overwritten and leaves every
+aggregate; `overwritten` counts those (a wrap-around loses old history, which
+is why the capacity default is far above a test's volume).
+"""
+from array import array
+
+BUCKET_MS = 100          # fine level: edge buckets are scanned record by record
+BUCKETS_PER_BLOCK = 100  # coarse level: a block is 10 s of buckets
+DEFAULT, FALLBACK = 0, 1
+PROCESSOR_NAMES = ("default", "fallback")
+_FAR = 1 << 62
+
+
+class _Totals:
+    """Counts and cents per processor for one bucket, block or the whole store."""
+    __slots__ = ("count", "cents")
+
+    def __init__(self):
+        self.count = [0, 0]
+        self.cents = [0, 0]
+
+    def add(self, processor, cents, sign=1):
+        self.count[processor] += sign
+        self.cents[processor] += sign * cents
+
+    def empty(self):
+        return self.count[0] == 0 and self.count[1] == 0
+
+
+class PaymentStore:
+    def __init__(self, capacity, local_epoch):
+        if capacity < 1:
+            raise ValueError("capacity must be positive")
+        self.capacity = capacity
+        self.local_epoch = local_epoch
+        self._requested_at = array("q", bytes(8 * capacity))
+        self._cents = array("q", bytes(8 * capacity))
+        self._processor = array("b", bytes(capacity))
+        self._origin = array("H", bytes(2 * capacity))
+        self._seq = array("Q", bytes(8 * capacity))
+        self._appended = 0            # records ever written; slot = appended % capacity
+        self._first_live = 0          # appended-index of the oldest record still held
+        self._epochs = []             # origin index -> epoch name
+        self._epoch_index = {}
+        # Highest sequence number held (or purged) per origin epoch. Kept across
+        # purges so that a peer cannot hand back what a purge removed.
+        self._high_water = {}
+        self._local_seq = 0
+        self._buckets = {}            # bucket number -> (_Totals, array of slots)
+        self._blocks = {}             # block number -> _Totals
+        self._all = _Totals()
+        self.overwritten = 0          # records lost to wrap-around (purges not counted)
+
+    # ----- writing -------------------------------------------------------------------
+    def record_local(self, requested_at_ms, cents, processor):
+        """Store a payment this instance had confirmed; returns it for the peer."""
+        self._local_seq += 1
+        record = (self.local_epoch, self._local_seq, requested_at_ms, cents, processor)
+        self._append(*record)
+        return record
+
+    def ingest(self, epoch, seq, requested_at_ms, cents, processor):
+        """Store a record from the peer unless already held; True if it was new."""
+        if seq <= self._high_water.get(epoch, 0):
+            return False
+        self._append(epoch, seq, requested_at_ms, cents, processor)
+        return True
+
+    def _append(self, epoch, seq, requested_at_ms, cents, processor):
+        if self._appended - self._first_live == self.capacity:
+            self._evict_oldest()
+        origin = self._epoch_index.get(epoch)
+        if origin is None:
+            origin = self._epoch_index[epoch] = len(self._epochs)
+            self._epochs.append(epoch)
+        slot = self._appended % self.capacity
+        self._appended += 1
+        self._requested_at[slot] = requested_at_ms
+        self._cents[slot] = cents
+        self._processor[slot] = processor
+        self._origin[slot] = origin
+        self._seq[slot] = seq
+        if seq > self._high_water.get(epoch, 0):
+            self._high_water[epoch] = seq
+        bucket_no = requested_at_ms // BUCKET_MS
+        entry = self._buckets.get(bucket_no)
+        if entry is None:
+            entry = self._buckets[bucket_no] = (_Totals(), array("I"))
+        entry[0].add(processor, cents)
+        entry[1].append(slot)
+        block_no = bucket_no // BUCKETS_PER_BLOCK
+        block = self._blocks.get(block_no)
+        if block is None:
+            block = self._blocks[block_no] = _Totals()
+        block.add(processor, cents)
+        self._all.add(processor, cents)
+
+    def _evict_oldest(self):
+        slot = self._first_live % self.capacity
+        self._first_live += 1
+        self.overwritten += 1
+        requested_at_ms = self._requested_at[slot]
+        cents, processor = self._cents[slot], self._processor[slot]
+        bucket_no = requested_at_ms // BUCKET_MS
+        totals, slots = self._buckets[bucket_no]
+        # The oldest record overall is also the oldest written into its bucket.
+        assert slots[0] == slot
+        del slots[0]
+        totals.add(processor, cents, -1)
+        if not slots:
+            del self._buckets[bucket_no]
+        block_no = bucket_no // BUCKETS_PER_BLOCK
+        block = self._blocks[block_no]
+        block.add(processor, cents, -1)
+        if block.empty():
+            del self._blocks[block_no]
+        self._all.add(processor, cents, -1)
+
+    def purge(self):
+        """Forget every record (sequence watermarks stay, see _high_water)."""
+        self._first_live = self._appended
+        self._buckets.clear()
+        self._blocks.clear()
+        self._all = _Totals()
+
+    # ----- reading -------------------------------------------------------------------
+    def summary(self, from_ms=None, to_ms=None):
+        """Totals per processor for from_ms <= requestedAt <= to_ms (None = unbounded)."""
+        if from_ms is None and to_ms is None:
+            return self._copy(self._all)
+        lo = -_FAR if from_ms is None else from_ms
+        hi = _FAR if to_ms is None else to_ms
+        result = _Totals()
+        if lo > hi:
+            return result
+        first, last = lo // BUCKET_MS, hi // BUCKET_MS
+        self._add_edge(result, first, lo, hi)
+        if last != first:
+            self._add_edge(result, last, lo, hi)
+            self._add_buckets_between(result, first + 1, last - 1)
+        return result
+
+    def _add_edge(self, result, bucket_no, lo, hi):
+        entry = self._buckets.get(bucket_no)
+        if entry is None:
+            return
+        requested_at, cents, processor = self._requested_at, self._cents, self._processor
+        for slot in entry[1]:
+            if lo <= requested_at[slot] <= hi:
+                result.add(processor[slot], cents[slot])
+
+    def _add_buckets_between(self, result, first, last):
+        if first > last:
+            return
+        first_block = -(-first // BUCKETS_PER_BLOCK)          # first block wholly inside
+        last_block = (last + 1) // BUCKETS_PER_BLOCK - 1      # last block wholly inside
+        if first_block > last_block:
+            self._add_range(result, self._buckets, first, last, lambda e: e[0])
+            return
+        self._add_range(result, self._buckets, first, first_block * BUCKETS_PER_BLOCK - 1, lambda e: e[0])
+        self._add_range(result, self._blocks, first_block, last_block, lambda e: e)
+        self._add_range(result, self._buckets, (last_block + 1) * BUCKETS_PER_BLOCK, last, lambda e: e[0])
+
+    @staticmethod
+    def _add_range(result, table, first, last, totals_of):
+        """Add table[k] for first <= k <= last, by lookup or by scan, whichever is shorter."""
+        if first > last:
+            return
+        if last - first + 1 <= len(table):
+            entries = (table.get(k) for k in range(first, last + 1))
+        else:
+            entries = (v for k, v in table.items() if first <= k <= last)
+        for entry in entries:
+            if entry is not None:
+                totals = totals_of(entry)
+                result.count[0] += totals.count[0]
+                result.count[1] += totals.count[1]
+                result.cents[0] += totals.cents[0]
+                result.cents[1] += totals.cents[1]
+
+    @staticmethod
+    def _copy(totals):
+        result = _Totals()
+        result.count = list(totals.count)
+        result.cents = list(totals.cents)
+        return result
+
+    # ----- exchange with the peer ----------------------------------------------------
+    def high_water(self):
+        """What this store holds, per origin epoch: the peer sends only what lies above."""
+        return dict(self._high_water)
+
+    def records_above(self, peer_high_water):
+        """Held records the peer lacks, oldest first, as (epoch, seq, ts, cents, proc).
+
+        The range is fixed now: records written later travel on the live path.
+        """
+        return self._records_between(self._first_live, self._appended, peer_high_water)
+
+    def _records_between(self, start, end, peer_high_water):
+        epochs = self._epochs
+        index = start
+        while index < end:
+            index = max(index, self._first_live)    # skip what was overwritten or purged meanwhile
+            if index >= end:
+                return
+            slot = index % self.capacity
+            epoch = epochs[self._origin[slot]]
+            seq = self._seq[slot]
+            if seq > peer_high_water.get(epoch, 0):
+                yield (epoch, seq, self._requested_at[slot], self._cents[slot], self._processor[slot])
+            index += 1
+
+    # ----- figures -------------------------------------------------------------------
+    def __len__(self):
+        return self._appended - self._first_live
+

@@ -40,7 +40,7 @@ class Settings:
     max_amount: float = 1_000_000_000.0 # largest accepted amount (documented bound)
     store_capacity: int = 1_000_000     # paid records kept per instance (ring buffer)
     index_capacity: int = 1_000_000     # correlationIds remembered for idempotency
-    purge_enabled: bool = True          # POST /purge-payments (the official test calls it)
+    purge_enabled: bool = False         # POST /purge-payments: off unless configured (compose turns it on)
 
     # Paying.
     max_in_flight_default: int = 32     # concurrent requests to each processor, per instance

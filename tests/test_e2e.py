@@ -1,0 +1,197 @@
+"""End to end through real HAProxy, two real instances and the simulators.
+
+Each test checks the two books against each other: what the backend reports
+must equal what the processors stored, and no payment may be stored twice.
+"""
+import http.client
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from stack import payment, request, wait_until
+from timestamps import format_ms, now_ms
+
+
+def send_many(port, payments, threads=16):
+    """POST every payment through keep-alive connections; returns the statuses."""
+    local = threading.local()
+
+    def send(p):
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        local.conn.request("POST", "/payments", json.dumps(p), {"Content-Type": "application/json"})
+        response = local.conn.getresponse()
+        response.read()
+        return response.status
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(send, payments))
+
+
+def stored_ids(sim):
+    return [p["correlationId"] for p in sim.payments()]
+
+
+def assert_books_agree(stack, windows=()):
+    """Backend summary (through HAProxy and from each instance) == processors' admin summaries."""
+    for query, lo, hi in [("", None, None)] + list(windows):
+        backend = stack.summary(query)
+        for inst in stack.instances:
+            if inst.process.poll() is None:
+                assert inst.summary(query) == backend, "instances disagree for %r" % query
+        for name, sim in (("default", stack.default), ("fallback", stack.fallback)):
+            admin = sim.summary(lo, hi)
+            assert backend[name]["totalRequests"] == admin["totalRequests"], (name, query, backend, admin)
+            assert round(backend[name]["totalAmount"], 2) == round(admin["totalAmount"], 2), (name, query)
+
+
+def assert_paid_exactly_once(stack, accepted_ids):
+    default, fallback = stored_ids(stack.default), stored_ids(stack.fallback)
+    everything = default + fallback
+    assert len(everything) == len(set(everything)), "a payment was stored twice"
+    assert set(everything) == set(accepted_ids), "accepted and paid differ"
+
+
+def test_burst_books_agree_over_several_windows(stack):
+    start = now_ms()
+    payments = [payment(19.90) for _ in range(400)]
+    assert set(send_many(stack.port, payments)) == {202}
+    stack.wait_drained()
+    end = now_ms()
+    assert_paid_exactly_once(stack, [p["correlationId"] for p in payments])
+    windows = []
+    for i in range(6):
+        lo = start + (end - start) * i // 6
+        hi = lo + (end - start) // 3
+        windows.append(("?from=%s&to=%s" % (format_ms(lo), format_ms(hi)), format_ms(lo), format_ms(hi)))
+    assert_books_agree(stack, windows)
+    assert stack.summary()["default"]["totalRequests"] == 400
+    assert stack.summary()["fallback"]["totalRequests"] == 0
+    # each instance paid part of them: the summary really combines both
+    assert all(json.loads(i.get("/health")[2])["pending"] == 0 for i in stack.instances)
+
+
+def test_default_failing_waits_for_default_then_drains(stack):
+    stack.default.configure(failure=True)
+    payments = [payment(10.00) for _ in range(60)]
+    assert set(send_many(stack.port, payments)) == {202}
+    time.sleep(2.0)
+    assert stack.pending() == 60, "patient policy: nothing goes to the fallback during a short outage"
+    assert stack.fallback.stats()["payments_ok"] == 0
+    stack.default.configure(failure=False)
+    stack.wait_drained(timeout=20)
+    assert_paid_exactly_once(stack, [p["correlationId"] for p in payments])
+    assert stack.summary()["default"]["totalRequests"] == 60
+    assert_books_agree(stack)
+
+
+def test_eager_policy_uses_the_fallback_while_default_fails(make_stack):
+    stack = make_stack(FALLBACK_POLICY="eager")
+    stack.default.configure(failure=True)
+    payments = [payment(3.00) for _ in range(40)]
+    assert set(send_many(stack.port, payments)) == {202}
+    stack.wait_drained(timeout=20)
+    assert stack.summary()["fallback"]["totalRequests"] > 0
+    assert_paid_exactly_once(stack, [p["correlationId"] for p in payments])
+    assert_books_agree(stack)
+
+
+def test_patient_policy_falls_back_after_a_long_outage(make_stack):
+    stack = make_stack(FALLBACK_AFTER_S=1.5)
+    stack.default.configure(failure=True)
+    payments = [payment(3.00) for _ in range(30)]
+    assert set(send_many(stack.port, payments)) == {202}
+    stack.wait_drained(timeout=20)
+    assert stack.summary()["fallback"]["totalRequests"] == 30
+    assert_paid_exactly_once(stack, [p["correlationId"] for p in payments])
+    assert_books_agree(stack)
+
+
+def test_both_failing_then_recovering_pays_everything_once(stack):
+    stack.default.configure(failure=True, delay=200)
+    stack.fallback.configure(failure=True, delay=300)
+    payments = [payment(7.77) for _ in range(150)]
+    assert set(send_many(stack.port, payments)) == {202}
+    time.sleep(3)
+    attempts_while_down = stack.default.stats()["payments_500"] + stack.fallback.stats()["payments_500"]
+    # breakers open: a few probes per second, not a retry storm over 150 payments
+    assert attempts_while_down < 80, attempts_while_down
+    stack.default.configure(failure=False, delay=0)
+    stack.fallback.configure(failure=False, delay=0)
+    stack.wait_drained(timeout=30)
+    assert_paid_exactly_once(stack, [p["correlationId"] for p in payments])
+    assert_books_agree(stack)
+
+
+def test_ambiguous_outcomes_are_counted_once(make_stack):
+    stack = make_stack(REQUEST_TIMEOUT_PROCESSOR_S=1)
+    ids = []
+    for mode in ("hang", "reset", "reset_before", "garbage"):
+        stack.default.fault(mode)
+        p = payment(4.20)
+        ids.append(p["correlationId"])
+        assert stack.post_payment(p)[0] == 202
+        time.sleep(0.3 if mode != "hang" else 1.3)
+        stack.default.fault("none")
+        wait_until(lambda: stack.pending() == 0, timeout=15, what="payment after %s" % mode)
+        time.sleep(0.1)
+    assert_paid_exactly_once(stack, ids)
+    assert stack.summary()["default"]["totalRequests"] == 4
+    assert_books_agree(stack)
+    infos = [json.loads(stack.instances[0].get("/payments/" + i)[2]) for i in ids]
+    assert all(info["status"] == "paid" and info["processor"] == "default" for info in infos)
+    assert infos[0]["attempts"] >= 2 and "no definite answer" in (infos[0]["lastError"] or "")
+
+
+def test_processor_already_holding_the_id_is_dead_lettered_not_counted(stack):
+    p = payment(1.00)
+    status, _, _ = request(stack.default.port, "POST", "/payments",
+                           dict(p, requestedAt=format_ms(now_ms())))
+    assert status == 200
+    assert stack.post_payment(p)[0] == 202
+    wait_until(lambda: stack.pending() == 0, what="dead letter")
+    info = json.loads(request(stack.port, "GET", "/payments/" + p["correlationId"])[2])
+    assert info["status"] == "dead_letter" and "422" in info["lastError"]
+    assert stack.summary()["default"]["totalRequests"] == 0
+
+
+def test_purge_reaches_both_instances(stack):
+    assert set(send_many(stack.port, [payment() for _ in range(20)])) == {202}
+    stack.wait_drained()
+    assert stack.summary()["default"]["totalRequests"] == 20
+    assert request(stack.port, "POST", "/purge-payments")[0] == 200
+    for inst in stack.instances:
+        assert inst.summary()["default"]["totalRequests"] == 0
+
+
+def test_peer_down_then_back_resynchronises(stack):
+    first = [payment(2.00) for _ in range(50)]
+    assert set(send_many(stack.port, first)) == {202}
+    stack.wait_drained()
+    one, two = stack.instances
+    two.kill()
+    wait_until(lambda: not one.peer_up(), what="link down")
+    # HAProxy takes api2 out; payments keep flowing through api1
+    second = [payment(2.00) for _ in range(50)]
+    statuses = send_many(stack.port, second)
+    assert statuses.count(202) == 50, statuses
+    wait_until(lambda: one.summary()["default"]["totalRequests"] == 100, what="api1 alone has all")
+    two.start()
+    wait_until(lambda: one.peer_up() and two.peer_up(), what="link back")
+    wait_until(lambda: two.summary() == one.summary(), what="resync")
+    assert two.summary()["default"]["totalRequests"] == 100
+    assert_paid_exactly_once(stack, [p["correlationId"] for p in first + second])
+    assert_books_agree(stack)
+
+
+def test_health_checks_never_exceed_the_processor_limit(make_stack):
+    # A 0.5 s window stands for the official 5 s; the instances poll at 0.55 s.
+    stack = make_stack(with_haproxy=False, sim_options={"health_window": 0.5}, HEALTH_INTERVAL_S=0.55)
+    time.sleep(3)
+    stack.instances[0].kill()          # the poller goes away: the other takes over
+    time.sleep(3)
+    for sim in (stack.default, stack.fallback):
+        stats = sim.stats()
+        assert stats["health_429"] == 0, stats
+        assert stats["health_ok"] >= 5, stats

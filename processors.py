@@ -24,6 +24,7 @@ log = logging.getLogger("processors")
 
 PAID_OK, DUPLICATE, FAILED, AMBIGUOUS, REJECTED = "paid", "duplicate", "failed", "ambiguous", "rejected"
 _JSON_HEADERS = {"Content-Type": "application/json"}
+MIN_PAUSE_S = 0.001
 
 
 class ProcessorClient:
@@ -231,9 +232,6 @@ class Dispatcher:
             self._refill(now)
             self._dispatch(now)
             wake_at = self._next_wake(now, next_due)
-            if wake_at is not None and wake_at <= now:
-                await asyncio.sleep(0)
-                continue
             self._waiter = loop.create_future()
             timer = loop.call_at(wake_at, self.wake) if wake_at is not None else None
             try:
@@ -285,17 +283,24 @@ class Dispatcher:
             self._start(book.ready.popleft(), processor)
 
     def _next_wake(self, now, next_due):
-        """When the loop must look again without being woken (None: only when woken)."""
+        """When the loop must look again without being woken (None: only when woken).
+
+        Only future events count: anything already due that did not lead to a
+        send is blocked by something that wakes the loop itself (a completion).
+        Never sooner than MIN_PAUSE_S: uvloop's timers have 1 ms resolution.
+        """
         candidates = [] if next_due is None else [next_due]
         if self._book.queued():
             if self._tokens < 1:
                 candidates.append(now + (1 - self._tokens) / self._settings.dispatch_rate)
             for breaker in self.breakers:
-                if breaker.state == Breaker.OPEN:
+                if breaker.state == Breaker.OPEN and breaker.retry_at > now:
                     candidates.append(breaker.retry_at)
-            if self._settings.fallback_policy == "patient" and self.breakers[DEFAULT].opened_at is not None:
-                candidates.append(self.breakers[DEFAULT].opened_at + self._settings.fallback_after_s)
-        return min(candidates) if candidates else None
+            opened_at = self.breakers[DEFAULT].opened_at
+            if self._settings.fallback_policy == "patient" and opened_at is not None \
+                    and opened_at + self._settings.fallback_after_s > now:
+                candidates.append(opened_at + self._settings.fallback_after_s)
+        return max(min(candidates), now + MIN_PAUSE_S) if candidates else None
 
     def _start(self, payment, processor):
         self._tokens -= 1

@@ -9,6 +9,7 @@ connection. Idle keep-alive connections close after keepalive_timeout_s.
 Run: python server.py (settings from the environment, see config.py).
 """
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -339,6 +340,12 @@ async def serve(settings):
     loop = asyncio.get_running_loop()
     instance = Instance(settings, loop)
     await instance.start()
+    # What exists now lives as long as the process: keep the collector from
+    # scanning it again (a full collection took ~13 ms with 9k payments held),
+    # and make full collections ten times rarer.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(700, 10, 100)
     log.info("instance %d ready: %s", settings.instance_id, orjson.dumps(settings.public()).decode())
     stopping = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -66,6 +66,11 @@ class Settings:
     health_enabled: bool = True
     health_interval_s: float = 5.5
 
+    # Operations.
+    shutdown_grace_s: float = 5.0       # on SIGTERM: time to finish pending payments before handing them to the peer
+    audit_log: str = ""                 # audit log destination: a path, "-" for stdout, empty for off
+    admin_token: str = ""               # when set, purge and dead-letter replay need header X-Admin-Token
+
     log_level: str = "INFO"
 
     @classmethod

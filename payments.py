@@ -12,7 +12,7 @@ from collections import deque
 from store import PROCESSOR_NAMES
 from timestamps import format_ms
 
-PENDING, PAID, DEAD = "pending", "paid", "dead_letter"
+PENDING, PAID, DEAD, HANDED_OVER = "pending", "paid", "dead_letter", "handed_over"
 
 ACCEPTED, ALREADY_ACCEPTED, CONFLICT, QUEUE_FULL = range(4)
 
@@ -41,6 +41,11 @@ class Payment:
     def amount_text(self):
         return "%d.%02d" % divmod(self.cents, 100)
 
+    def to_wire(self):
+        """Everything the peer needs to carry on with this payment under the same rules."""
+        return [self.correlation_id, self.cents, self.requested_at, self.ambiguous, self.pinned,
+                self.attempts, self.last_error]
+
     def describe(self):
         info = {
             "correlationId": self.correlation_id,
@@ -56,8 +61,9 @@ class Payment:
 
 
 class PaymentBook:
-    def __init__(self, queue_capacity, index_capacity):
+    def __init__(self, queue_capacity, index_capacity, audit=None):
         self.queue_capacity = queue_capacity
+        self.audit = audit                # AuditLog or None
         self.index_capacity = index_capacity
         self._index = {}              # correlationId -> Payment (insertion ordered)
         self.ready = deque()          # PENDING payments free to go to any processor
@@ -82,6 +88,8 @@ class PaymentBook:
             self._forget_oldest_finished()
         self.pending += 1
         self.ready.append(payment)
+        if self.audit is not None and self.audit.enabled:
+            self.audit.record("accepted", correlation_id, amount=payment.amount_text)
         if self.on_ready is not None:
             self.on_ready()
         return ACCEPTED
@@ -139,8 +147,58 @@ class PaymentBook:
         self.pending -= 1
         self.dead += 1
 
+    def replay_dead(self):
+        """Dead letters become pending again (same requestedAt and ambiguity state)."""
+        replayed = 0
+        for payment in self._index.values():
+            if payment.state == DEAD:
+                payment.state = PENDING
+                self.dead -= 1
+                self.pending += 1
+                (self.ready if payment.pinned is None else self.pinned[payment.pinned]).append(payment)
+                if self.audit is not None and self.audit.enabled:
+                    self.audit.record("replayed", payment.correlation_id)
+                replayed += 1
+        if replayed and self.on_ready is not None:
+            self.on_ready()
+        return replayed
+
+    def take_all_pending(self):
+        """Remove every pending payment that is not in flight (for a hand-over at shutdown)."""
+        taken = list(self.ready) + list(self.pinned[0]) + list(self.pinned[1])
+        taken += [entry[2] for entry in self._waiting if entry[2].state == PENDING]
+        self.ready.clear()
+        self.pinned[0].clear()
+        self.pinned[1].clear()
+        self._waiting.clear()
+        for payment in taken:
+            payment.state = HANDED_OVER
+            self.pending -= 1
+        return taken
+
+    def adopt(self, wire, now):
+        """Take over a payment the peer handed over; False if it is already known here."""
+        correlation_id, cents, requested_at, ambiguous, pinned, attempts, last_error = wire
+        known = self._index.get(correlation_id)
+        if known is not None and known.state != HANDED_OVER:
+            return False
+        payment = Payment(correlation_id, cents, now)
+        payment.requested_at = list(requested_at)
+        payment.ambiguous = list(ambiguous)
+        payment.pinned = pinned
+        payment.attempts = attempts
+        payment.last_error = last_error
+        self._index[correlation_id] = payment
+        self.pending += 1
+        (self.ready if pinned is None else self.pinned[pinned]).append(payment)
+        if self.audit is not None and self.audit.enabled:
+            self.audit.record("adopted", correlation_id, attempts=attempts)
+        if self.on_ready is not None:
+            self.on_ready()
+        return True
+
     def forget_finished(self):
         """After a purge: forget paid and dead payments, keep everything still pending."""
-        self._index = {cid: p for cid, p in self._index.items() if p.state == PENDING}
+        self._index = {cid: p for cid, p in self._index.items() if p.state == PENDING}  # handed over: gone too
         self.paid = 0
         self.dead = 0

@@ -14,7 +14,8 @@ epoch) says exactly what a store lacks: a restarted or reconnected peer gets
 everything it missed, and nothing is ever counted twice.
 
 Messages are JSON arrays, one per line: ["R", records], ["S", processor,
-report], ["P", purgedAt], ["L", id, correlationId] / ["l", id, answer].
+report], ["P", purgedAt], ["L", id, correlationId] / ["l", id, answer],
+["H", payments] (pending payments handed over by an instance shutting down).
 """
 import asyncio
 import itertools
@@ -33,13 +34,14 @@ LOOKUP_TIMEOUT_S = 0.5
 
 
 class PeerLink:
-    def __init__(self, settings, store, on_purge, on_health, on_lookup):
+    def __init__(self, settings, store, on_purge, on_health, on_lookup, on_adopt=None):
         self._listen_path = settings.peer_listen
         self._connect_path = settings.peer_connect
         self._store = store
         self._on_purge = on_purge        # apply a purge locally (store + book)
         self._on_health = on_health      # (processor, report) from the peer's monitor
         self._on_lookup = on_lookup      # correlationId -> description dict or None
+        self._on_adopt = on_adopt        # list of handed-over payments (wire form)
         self.purged_at = 0
         self.link_up = False             # our outgoing connection is synchronised
         self._writer = None
@@ -107,6 +109,26 @@ class PeerLink:
         self._on_purge()
         if self._writer is not None:
             self._send(["P", self.purged_at])
+
+    async def hand_over(self, payments_wire):
+        """Send pending payments to the peer at shutdown; True once they are written out."""
+        if not self.link_up or not payments_wire:
+            return False
+        self._send(["H", payments_wire])
+        try:
+            await asyncio.wait_for(self._writer.drain(), 2.0)
+        except (asyncio.TimeoutError, OSError, AttributeError):
+            return False
+        return True
+
+    async def drain(self):
+        """Push out whatever is buffered (records paid in the last loop steps)."""
+        self._flush()
+        if self._writer is not None:
+            try:
+                await asyncio.wait_for(self._writer.drain(), 2.0)
+            except (asyncio.TimeoutError, OSError):
+                pass
 
     async def lookup(self, correlation_id):
         """Ask the peer what it knows of a payment; None if it does not know or cannot answer."""
@@ -221,6 +243,9 @@ class PeerLink:
         elif kind == "P":
             if message[1] > self.purged_at:
                 self._apply_purge(message[1])
+        elif kind == "H":
+            if self._on_adopt is not None:
+                self._on_adopt(message[1])
         elif kind == "L":
             writer.write(orjson.dumps(["l", message[1], self._on_lookup(message[2])]) + b"\n")
 

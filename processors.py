@@ -199,8 +199,9 @@ class Dispatcher:
     the event loop (and the CPU quota) while payment requests wait.
     """
 
-    def __init__(self, settings, book, store, client, breakers, on_paid=None):
+    def __init__(self, settings, book, store, client, breakers, on_paid=None, audit=None):
         self._settings = settings
+        self._audit = audit
         self._book = book
         self._store = store
         self._client = client
@@ -312,6 +313,9 @@ class Dispatcher:
         payment.attempts += 1
         if payment.requested_at[processor] is None:
             payment.requested_at[processor] = now_ms()
+        if self._audit is not None and self._audit.enabled:
+            self._audit.record("attempt", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
+                               requestedAt=format_ms(payment.requested_at[processor]), attempt=payment.attempts)
         task = self._loop.create_task(self._attempt(payment, processor))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -346,6 +350,7 @@ class Dispatcher:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         if payment.state != PENDING:
             return
+        audit = self._audit if self._audit is not None and self._audit.enabled else None
         breaker = self.breakers[processor]
         now = self._loop.time()
         if outcome == PAID_OK or (outcome == DUPLICATE and payment.ambiguous[processor]):
@@ -354,11 +359,17 @@ class Dispatcher:
             self._book.mark_paid(payment, processor)
             if self.on_paid is not None:
                 self.on_paid(record)
+            if audit:
+                audit.record("paid", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
+                             requestedAt=format_ms(payment.requested_at[processor]), outcome=outcome)
             return
         if outcome in (DUPLICATE, REJECTED):
             breaker.on_success()    # the processor answered; the payment is what it refused
             self._book.mark_dead(payment, "%s refused it: %s" % (PROCESSOR_NAMES[processor], detail))
             log.warning("dead-lettered %s: %s", payment.correlation_id, payment.last_error)
+            if audit:
+                audit.record("dead_lettered", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
+                             reason=payment.last_error)
             return
         breaker.on_failure(now)
         payment.last_error = "%s: %s" % (PROCESSOR_NAMES[processor], detail)
@@ -368,6 +379,9 @@ class Dispatcher:
         s = self._settings
         backoff = min(s.retry_max_s, s.retry_base_s * 2 ** min(payment.attempts - 1, 16))
         self._book.retry_later(payment, now + backoff * random.uniform(0.5, 1.5))
+        if audit:
+            audit.record("retry", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
+                         outcome=outcome, reason=detail, pinned=payment.pinned is not None)
 
     async def stop(self):
         for task in list(self._tasks):

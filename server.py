@@ -21,6 +21,7 @@ from http import HTTPStatus
 import httptools
 import orjson
 
+from audit import AuditLog
 from config import Settings
 from payments import PaymentBook
 from peer import PeerLink
@@ -55,7 +56,7 @@ def render(response, keep_alive, http10=False):
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("_instance", "_settings", "_router", "_loop", "_transport", "_parser", "_url",
                  "_body", "_body_size", "_head_size", "_head_exact", "_in_request", "_request_timer",
-                 "_idle_timer", "_responses", "_closing", "_paused")
+                 "_idle_timer", "_responses", "_closing", "_paused", "_admin_token")
 
     def __init__(self, instance):
         self._instance = instance
@@ -76,6 +77,7 @@ class HttpProtocol(asyncio.Protocol):
         self._responses = deque()
         self._closing = False
         self._paused = False
+        self._admin_token = None  # X-Admin-Token of the current request (admin routes check it)
 
     # ----- connection ----------------------------------------------------------------
     def connection_made(self, transport):
@@ -132,6 +134,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_begin(self):
         self._in_request = True
         self._head_exact = 0
+        self._admin_token = None
         self._url = b""
         self._body = []
         self._body_size = 0
@@ -151,6 +154,8 @@ class HttpProtocol(asyncio.Protocol):
         if len(name) == 14 and name.lower() == b"content-length" and value.isdigit() \
                 and int(value) > self._settings.max_body_bytes:
             raise _Reject(413, "request body too large")
+        elif len(name) == 13 and name.lower() == b"x-admin-token":
+            self._admin_token = value.decode("latin-1")
 
     def on_headers_complete(self):
         self._head_size = -1                          # what follows is body
@@ -177,7 +182,7 @@ class HttpProtocol(asyncio.Protocol):
             path, query = url.decode("latin-1"), ""
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         try:
-            response = self._router.handle(self._parser.get_method(), path, query, body)
+            response = self._router.handle(self._parser.get_method(), path, query, body, self._admin_token)
         except Exception:
             log.exception("unexpected error in a handler")
             response, keep_alive = _INTERNAL_ERROR, False
@@ -268,19 +273,25 @@ class Instance:
         self.connections = 0
         epoch = "%d-%d" % (settings.instance_id, time.time_ns())
         self.store = PaymentStore(settings.store_capacity, epoch)
-        self.book = PaymentBook(settings.queue_capacity, settings.index_capacity)
+        self.audit = AuditLog(settings.audit_log, loop)
+        self.book = PaymentBook(settings.queue_capacity, settings.index_capacity, self.audit)
         self.client = ProcessorClient(settings)
         self.breakers = tuple(Breaker(settings.breaker_failures, settings.breaker_probe_s, settings.breaker_probe_max_s)
                               for _ in range(2))
         self.peer = PeerLink(settings, self.store, on_purge=self._purge_here,
                              on_health=lambda processor, report: self.health.apply(processor, report, share=False),
-                             on_lookup=lambda correlation_id: describe_local(self.book, correlation_id))
+                             on_lookup=lambda correlation_id: describe_local(self.book, correlation_id),
+                             on_adopt=self._adopt)
         self.health = HealthMonitor(settings, self.client, self.breakers, self.peer)
         self.dispatcher = Dispatcher(settings, self.book, self.store, self.client, self.breakers,
-                                     on_paid=self.peer.publish)
+                                     on_paid=self.peer.publish, audit=self.audit)
         self.router = Router(self)
         self._servers = []
         self._tasks = []
+
+    def _adopt(self, payments_wire):
+        adopted = sum(self.book.adopt(wire, time.monotonic()) for wire in payments_wire)
+        log.info("adopted %d payments handed over by the peer", adopted)
 
     def _purge_here(self):
         self.store.purge()
@@ -288,6 +299,7 @@ class Instance:
 
     async def start(self):
         s = self.settings
+        self.audit.open()
         await self.client.start()
         await self.peer.start()
         self._tasks.append(self.loop.create_task(self.dispatcher.run()))
@@ -302,21 +314,31 @@ class Instance:
         if s.http_port:
             self._servers.append(await self.loop.create_server(factory, "127.0.0.1", s.http_port, backlog=4096))
 
-    async def stop(self, grace_s=10.0):
-        """Stop taking requests, let pending payments finish (bounded), then close."""
+    async def stop(self):
+        """Stop taking requests; finish pending payments within the grace period,
+        hand the rest to the peer with their exactly-once state, then close."""
         for server in self._servers:
             server.close()
-        deadline = self.loop.time() + grace_s
+        deadline = self.loop.time() + self.settings.shutdown_grace_s
         while self.book.pending and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
-        if self.book.pending:
-            log.warning("stopping with %d payments still pending", self.book.pending)
-        await asyncio.sleep(0.05)            # let the last paid records reach the peer
         for task in self._tasks:
             task.cancel()
-        await self.dispatcher.stop()
+        await self.dispatcher.stop()         # in-flight attempts end as ambiguous, so they stay pinned
+        leftover = self.book.take_all_pending()
+        if leftover:
+            handed = await self.peer.hand_over([payment.to_wire() for payment in leftover])
+            for payment in leftover:
+                self.audit.record("handed_over" if handed else "abandoned", payment.correlation_id)
+            if handed:
+                log.info("handed %d pending payments over to the peer", len(leftover))
+            else:
+                log.error("peer unreachable: %d pending payments abandoned: %s", len(leftover),
+                          " ".join(payment.correlation_id for payment in leftover))
+        await self.peer.drain()             # the last paid records reach the peer
         await self.peer.close()
         await self.client.close()
+        self.audit.close()
         if self.settings.socket_path and os.path.exists(self.settings.socket_path):
             os.unlink(self.settings.socket_path)
 

@@ -76,13 +76,13 @@ class PaymentBook:
         self.on_ready = None          # called when work becomes ready (the dispatcher's wake-up)
 
     # ----- accepting -----------------------------------------------------------------
-    def accept(self, correlation_id, cents, now_ms):
+    def accept(self, correlation_id, cents, now):
         known = self._index.get(correlation_id)
         if known is not None:
             return ALREADY_ACCEPTED if known.cents == cents else CONFLICT
         if self.pending >= self.queue_capacity:
             return QUEUE_FULL
-        payment = Payment(correlation_id, cents, now_ms)
+        payment = Payment(correlation_id, cents, now)
         self._index[correlation_id] = payment
         if len(self._index) > self.index_capacity:
             self._forget_oldest_finished()

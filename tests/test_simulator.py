@@ -1,8 +1,11 @@
 """Tests of the payment processor simulator (simulator.py), over real loopback sockets.
 
 Most tests talk to one simulator started as a subprocess through its CLI; the
-limiter tests build their own instance with make_app() on a real port so that
-they can use small limits and a fresh health window.
+limiter tests build their own instance on a real port, with start_server() (the
+server the CLI runs) and with make_app() (the same endpoints behind aiohttp.web),
+so that they can use small limits and a fresh health window. The last tests
+check the HTTP framing of start_server() and that the fast payment parser agrees
+with the general one.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -213,6 +217,7 @@ BAD_BODIES = [
     b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": 19.9, "requestedAt": "yesterday"}',
     b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": 19.9, "requestedAt": "2025-02-30T00:00:00Z"}',
     b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": 19.9, "requestedAt": 1752582896000}',
+    b'{"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": 1e1000000, "requestedAt": "2025-07-10"}',
 ]
 
 
@@ -400,8 +405,19 @@ def test_faults(sim):
 
 # -- in-process instances with small limits -------------------------------------
 
+FRONTENDS = ["server", "aiohttp"]  # start_server() (what the CLI runs) and make_app()
+
+
 @contextlib.asynccontextmanager
-async def serve(**kw):
+async def serve(frontend="aiohttp", **kw):
+    if frontend == "server":
+        state = simulator.SimState(kw.pop("fee", 0.05), **kw)
+        srv = await simulator.start_server(state, "127.0.0.1", 0)
+        try:
+            yield f"http://127.0.0.1:{srv.port}", state
+        finally:
+            await srv.shutdown(timeout=0.5)
+        return
     app = simulator.make_app(**kw)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
@@ -414,9 +430,10 @@ async def serve(**kw):
         await runner.cleanup()
 
 
-def test_health_rate_limit_shared_window_queue_of_two():
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_health_rate_limit_shared_window_queue_of_two(frontend):
     async def go():
-        async with serve(fee=0.15, name="fallback", health_window=0.5) as (url, state), \
+        async with serve(frontend, fee=0.15, name="fallback", health_window=0.5) as (url, state), \
                 aiohttp.ClientSession() as s:
             state.delay_ms = 42
 
@@ -448,9 +465,10 @@ def test_health_rate_limit_shared_window_queue_of_two():
     run(go())
 
 
-def test_payments_concurrency_limit_429():
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_payments_concurrency_limit_429(frontend):
     async def go():
-        async with serve(fee=0.05, max_active=2, max_queued=1) as (url, state), \
+        async with serve(frontend, fee=0.05, max_active=2, max_queued=1) as (url, state), \
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
             state.delay_ms = 300
 
@@ -471,6 +489,192 @@ def test_payments_concurrency_limit_429():
             assert len(state.payments) == 3
 
     run(go())
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_client_leaving_while_queued_is_not_served(frontend):
+    async def go():
+        async with serve(frontend, max_active=1, max_queued=1) as (url, state), \
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+            state.delay_ms = 300
+            first = asyncio.ensure_future(call(s, "POST", url + "/payments", json=payment()))
+            await asyncio.sleep(0.05)
+            with pytest.raises(asyncio.TimeoutError):  # queued behind the first, then gives up
+                await call(s, "POST", url + "/payments", json=payment(), timeout=0.1)
+            assert (await first)[0] == 200
+            await asyncio.sleep(0.1)
+            assert len(state.payments) == 1
+            assert state.limiter.active == 0 and state.limiter.queued == 0
+
+    run(go())
+
+
+# -- HTTP framing of the server the CLI runs -------------------------------------
+
+async def exchange(port, data: bytes, *, until_close=False, timeout=3.0) -> bytes:
+    """Send raw bytes on a fresh connection; read until the peer closes (or the timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    out = b""
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                out += chunk
+    except TimeoutError:
+        if until_close:
+            raise
+    finally:
+        writer.close()
+    return out
+
+
+def responses(raw: bytes) -> list[tuple[int, dict, bytes]]:
+    """Split a stream of HTTP/1.x responses with Content-Length (or none) into (status, headers, body)."""
+    out = []
+    while raw:
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        n = int(headers.get("content-length", 0))
+        out.append((int(lines[0].split()[1]), headers, raw[:n]))
+        raw = raw[n:]
+    return out
+
+
+def post(body: bytes, extra: str = "", version: str = "1.1") -> bytes:
+    return (f"POST /payments HTTP/{version}\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_server_http_framing():
+    async def go():
+        async with serve("server") as (url, state):
+            port = int(url.rsplit(":", 1)[1])
+            body = orjson.dumps(payment())
+
+            # pipelined: answers in request order, even when the first must wait
+            state.delay_ms = 200
+            raw = await exchange(port, post(body) + b"GET /payments/" + orjson.loads(body)["correlationId"].encode()
+                                 + b" HTTP/1.1\r\nHost: x\r\n\r\n" + post(body, "Connection: close\r\n"),
+                                 until_close=True)
+            (s1, _, b1), (s2, _, b2), (s3, h3, b3) = responses(raw)
+            assert (s1, b1) == (200, b'{"message":"payment processed successfully"}')
+            assert s2 == 404  # read before the delayed payment was stored
+            assert s3 == 422 and h3["connection"] == "close"
+            state.delay_ms = 0
+
+            # HEAD, unknown paths and methods, as aiohttp.web answers them
+            cid = orjson.loads(body)["correlationId"]
+            [(st, h, b)] = responses(await exchange(port, f"HEAD /payments/{cid} HTTP/1.1\r\nHost: x\r\n"
+                                                    "Connection: close\r\n\r\n".encode(), until_close=True))
+            assert st == 200 and b == b"" and int(h["content-length"]) > 0
+            [(st, _, b)] = responses(await exchange(port, b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n"))
+            assert (st, b) == (404, b"404: Not Found")
+            [(st, h, _)] = responses(await exchange(port, b"GET /payments HTTP/1.1\r\nConnection: close\r\n\r\n"))
+            assert st == 405 and h["allow"] == "POST"
+            [(st, h, _)] = responses(await exchange(
+                port, b"DELETE /admin/payments-summary HTTP/1.1\r\nConnection: close\r\n\r\n"))
+            assert st == 405 and h["allow"] == "GET,HEAD"
+
+            # Expect: 100-continue gets the interim answer before the body is sent
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            other = orjson.dumps(payment())
+            writer.write(post(other, "Expect: 100-continue\r\n")[:-len(other)])
+            assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(other)
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)).startswith(b"HTTP/1.1 200 OK")
+            writer.close()
+
+            # HTTP/1.0 without keep-alive: answered in 1.0, then closed
+            [(st, _, _)] = responses(raw := await exchange(port, post(orjson.dumps(payment()), version="1.0"),
+                                                           until_close=True))
+            assert st == 200 and raw.startswith(b"HTTP/1.0 200 OK\r\n")
+
+            # a body over 1 MiB: 413; malformed HTTP: 400 and the connection closed
+            [(st, _, _)] = responses(await exchange(port, post(b" " * (1024 * 1024 + 1), "Connection: close\r\n"),
+                                                    until_close=True))
+            assert st == 413
+            [(st, h, _)] = responses(await exchange(port, b"GARBAGE\r\n\r\n", until_close=True))
+            assert st == 400 and h["connection"] == "close"
+            assert len(state.payments) == 3
+
+    run(go())
+
+
+def test_server_closes_idle_keepalive_connections(monkeypatch):
+    monkeypatch.setattr(simulator, "KEEPALIVE_TIMEOUT", 0.5)
+
+    async def go():
+        async with serve("server") as (url, _):
+            port = int(url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 404")
+            await reader.readexactly(14)
+            t = time.monotonic()
+            assert await asyncio.wait_for(reader.read(), 3) == b""  # closed by the server
+            assert 0.3 < time.monotonic() - t < 1.5
+            writer.close()
+
+    run(go())
+
+
+def test_server_shutdown_finishes_requests_in_flight():
+    async def go():
+        state = simulator.SimState(0.05)
+        srv = await simulator.start_server(state, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{srv.port}"
+        async with aiohttp.ClientSession() as s:
+            state.delay_ms = 300
+            delayed = asyncio.ensure_future(call(s, "POST", url + "/payments", json=payment()))
+            await asyncio.sleep(0.1)
+            t = time.monotonic()
+            await srv.shutdown()
+            assert (await delayed)[0] == 200
+            assert 0.1 < time.monotonic() - t < 1.0
+            assert len(state.payments) == 1
+            with pytest.raises(aiohttp.ClientConnectionError):  # no longer listening
+                await call(s, "GET", url + "/payments/service-health")
+
+        # a hung request does not hold the shutdown
+        srv = await simulator.start_server(state, "127.0.0.1", 0)
+        state.delay_ms, state.fault = 0, "hang"
+        async with aiohttp.ClientSession() as s:
+            hung = asyncio.ensure_future(call(s, "POST", f"http://127.0.0.1:{srv.port}/payments", json=payment()))
+            await asyncio.sleep(0.1)
+            t = time.monotonic()
+            await srv.shutdown()
+            assert time.monotonic() - t < 0.5
+            with pytest.raises(aiohttp.ClientError):
+                await hung
+            assert len(state.payments) == 2
+
+    run(go())
+
+
+def test_cli_sigterm_exits_cleanly_after_requests_in_flight():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "simulator.py"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening" in proc.stdout.readline()
+
+        async def go():
+            url = f"http://127.0.0.1:{port}"
+            async with aiohttp.ClientSession() as s:
+                await call(s, "PUT", url + "/admin/configurations/delay", json={"delay": 300}, headers=ADMIN)
+                delayed = asyncio.ensure_future(call(s, "POST", url + "/payments", json=payment()))
+                await asyncio.sleep(0.1)
+                proc.terminate()
+                assert (await delayed)[0] == 200
+
+        run(go())
+        assert proc.wait(5) == 0
+        assert proc.stderr.read() == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # -- unit tests of the pieces ----------------------------------------------------
@@ -514,3 +718,91 @@ def test_state_is_usable_without_http():
     assert st.summary(None, 15) == (2, Decimal("3.50"))
     st.purge()
     assert st.summary(None, None) == (0, Decimal(0))
+
+
+def _outcome(parse, body):
+    try:
+        cid, amount, ts = parse(body)
+    except simulator._BadRequest as e:
+        return ("400", str(e))
+    return cid, str(amount), ts  # str: Decimal("-0.00") == Decimal("0.00")
+
+
+_digits = hs.text("0123456789", min_size=1, max_size=45)
+_amount_text = hs.one_of(
+    hs.sampled_from(["19.9", "19.90", "0", "-0", "-0.0", "0.005", "0.015", "-2.345", "1e2", "1E-3", "2.5e+1",
+                     "79228162514264337593543950335", "79228162514264337593543950335.004",
+                     "79228162514264337593543950336", "1e400", "02", "1.", ".5", "+1", "NaN", "-"]),
+    hs.builds(lambda sign, i, f, e: sign + i + f + e,
+              hs.sampled_from(["", "-"]), _digits,
+              hs.one_of(hs.just(""), _digits.map(lambda d: "." + d)),
+              hs.one_of(hs.just(""), hs.builds(lambda c, sg, d: c + sg + d[:7], hs.sampled_from("eE"),
+                                               hs.sampled_from(["", "+", "-"]), _digits))),
+)
+_OUT_OF_RANGE = {0: [0], 1: [0, 13], 2: [0, 29, 30, 31, 32], 3: [24, 99], 4: [60], 5: [60]}
+
+
+def _iso(fields, change, z):
+    """A timestamp from valid fields, with at most one of them replaced by a value out of its range."""
+    fields = list(fields)
+    if change is not None:
+        field, pick = change
+        fields[field] = _OUT_OF_RANGE[field][pick % len(_OUT_OF_RANGE[field])]
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03d%s" % (*fields, z)
+
+
+_timestamp_text = hs.one_of(
+    hs.builds(_iso,
+              hs.tuples(hs.integers(1, 9999), hs.integers(1, 12), hs.integers(1, 28), hs.integers(0, 23),
+                        hs.integers(0, 59), hs.integers(0, 59), hs.integers(0, 999)),
+              hs.one_of(hs.none(), hs.tuples(hs.integers(0, 5), hs.integers(0, 4))),
+              hs.sampled_from(["Z", "Z", "Z", "z", "", "+03:00"])),
+    hs.sampled_from(["2025-07-10", "2025-07-10T12:34:56Z", "2025-07-10T12:34:56.1234567Z", "yesterday", "",
+                     "2025-07-10T12:34:56.78Z", "2025-02-30T00:00:00.000Z", "2025-07-10T12:34:56.789\u00e9Z"]),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(hs.uuids().map(str), hs.booleans(), _amount_text, _timestamp_text,
+       hs.sampled_from(["", " ", "\n", "\t ", "\x0b", "\u00a0"]))
+def test_fast_payment_parser_agrees_with_json_loads(cid, upper, amount, ts, ws):
+    cid = cid.upper() if upper else cid
+    body = ('{%s"correlationId"%s:%s"%s",%s"amount":%s%s,"requestedAt"%s:"%s"%s}%s'
+            % (ws, ws, ws, cid, ws, ws, amount, ws, ts, ws, ws)).encode()
+    want = _outcome(simulator._parse_payment_json, body)
+    assert _outcome(simulator._parse_payment, body) == want
+    assert _outcome(simulator._parse_payment, body) == want  # again: the amount may now be cached
+    if ws in ("", " ", "\n", "\t ") and re.fullmatch(r"-?(0|[1-9]\d{0,20})(\.\d{1,20})?([eE][-+]?\d{1,6})?", amount) \
+            and re.fullmatch(r"[ -~]*", ts):
+        assert simulator._FAST_PAYMENT_RE.match(body), body  # the fast path is the one tested
+
+
+@pytest.mark.parametrize("amount,ts,ws", [
+    ("19.9", "2025-07-10T12:34:56.789Z", ""),
+    ("19.9", "2025-07-10T24:00:00.000Z", ""),
+    ("19.9", "2025-07-10T23:60:00.000Z", ""),
+    ("19.9", "2025-07-10T23:59:60.000Z", ""),
+    ("19.9", "2025-07-10T23:59:59.999Z", ""),
+    ("19.9", "2024-02-29T00:00:00.000Z", ""),
+    ("19.9", "2025-02-29T00:00:00.000Z", ""),
+    ("19.9", "2025-04-31T00:00:00.000Z", ""),
+    ("19.9", "0000-01-01T00:00:00.000Z", ""),
+    ("19.9", "0001-01-01T00:00:00.000Z", ""),
+    ("19.9", "9999-12-31T23:59:59.999Z", ""),
+    ("19.9", "1969-12-31T23:59:59.999Z", ""),
+    ("19.9", "2025-07-10t12:34:56.789z", ""),
+    ("19.9", "2025-07-10T12:34:56.78Z", ""),
+    ("19.9", "2025-07-10T12:34:56.7891Z", ""),
+    ("19.9", "2025-07-10T12:34:56Z", ""),
+    ("19.9", "2025-07-10T12:34:56.789+03:00", ""),
+    ("-0", TS, ""), ("-0.0", TS, ""), ("0e0", TS, ""), ("-0e5", TS, ""), ("7", TS, ""), ("0.125", TS, ""),
+    ("0.135", TS, ""), ("-2.345", TS, ""), ("1E+2", TS, ""), ("1e-3", TS, ""), ("1e1000000", TS, ""),
+    ("1e999999", TS, ""), ("79228162514264337593543950335.005", TS, ""), ("79228162514264337593543950336", TS, ""),
+    ("1" * 45, TS, ""), ("1e400", "2025-07-10T24:00:00.000Z", ""),
+    ("19.9", TS, " "), ("19.9", TS, "\r\n\t"), ("19.9", TS, "\x0b"), ("19.9", TS, "\x0c"), ("19.9", TS, "\u00a0"),
+])
+def test_fast_payment_parser_boundaries(amount, ts, ws):
+    cid = "4A7901B8-7d26-4d9d-aa19-4dc1c7cf60b3"
+    body = ('%s{"correlationId":%s"%s","amount":%s%s,"requestedAt":"%s"}%s' % (ws, ws, cid, amount, ws, ts, ws)).encode()
+    assert _outcome(simulator._parse_payment, body) == _outcome(simulator._parse_payment_json, body)
+    assert _outcome(simulator._parse_payment, body) == _outcome(simulator._parse_payment_json, body)

@@ -22,8 +22,9 @@ RUN --mount=type=bind,from=wheels,source=/build,target=/build \
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app \
     && mkdir -m 0755 /sockets && chown app:app /sockets
 WORKDIR /app
-# Only the modules server.py imports (tests/test_deploy_config.py checks the list).
+# Only the modules server.py imports (tests/test_deploy_config.py checks the list), and the
+# page GET /dashboard serves.
 # Root-owned: the app user can read the code but not change it.
-COPY config.py payments.py peer.py processors.py router.py server.py store.py timestamps.py ./
+COPY audit.py config.py observe.py payments.py peer.py processors.py router.py server.py store.py timestamps.py dashboard.html ./
 USER app
 CMD ["python", "server.py"]

@@ -12,8 +12,9 @@ STAMP  := $(VENV)/.installed
 .PHONY: setup up down test bench profile microbench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
-	@command -v haproxy >/dev/null || { echo "installing haproxy (Debian package)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
+	@missing=$$(for tool in haproxy chromium; do command -v $$tool >/dev/null || echo $$tool; done); \
+	  [ -z "$$missing" ] || { echo "installing" $$missing "(Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	@touch $(STAMP)
@@ -40,3 +41,7 @@ microbench: $(STAMP)
 
 clean: down
 	rm -rf $(VENV) run results
+
+# The fault, fuzz and slow-client experiments at full length (docs/RELIABILITY.md), ~7 min.
+chaos: $(STAMP)
+	$(PY) scripts/chaos.py $(CHAOS_ARGS)

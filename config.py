@@ -66,6 +66,12 @@ class Settings:
     health_enabled: bool = True
     health_interval_s: float = 5.5
 
+    # Fees the processors charge (for /metrics, /report and the dashboard; routing does not use them).
+    fee_default: float = 0.05
+    fee_fallback: float = 0.15
+    # X-Rinha-Token of the processors' admin API: when set, GET /report audits against their books.
+    processor_admin_token: str = ""
+
     # Operations.
     shutdown_grace_s: float = 5.0       # on SIGTERM: time to finish pending payments before handing them to the peer
     audit_log: str = ""                 # audit log destination: a path, "-" for stdout, empty for off

@@ -53,6 +53,7 @@ class PeerLink:
         self._lookup_ids = itertools.count(1)
         self._server = None
         self._tasks = []
+        self._incoming = set()           # tasks serving the peer's connections to us
         self.records_sent = 0
         self.records_received = 0
         self.connects = 0
@@ -70,8 +71,9 @@ class PeerLink:
         self._tasks.append(asyncio.get_running_loop().create_task(self._dial_forever()))
 
     async def close(self):
-        for task in self._tasks:
+        for task in self._tasks + list(self._incoming):
             task.cancel()
+        await asyncio.gather(*self._tasks, *self._incoming, return_exceptions=True)
         if self._server is not None:
             self._server.close()
         if self._writer is not None:
@@ -217,6 +219,8 @@ class PeerLink:
 
     # ----- incoming: the peer's records to us ---------------------------------------
     async def _serve_incoming(self, reader, writer):
+        task = asyncio.current_task()
+        self._incoming.add(task)
         hello = {"epoch": self._store.local_epoch, "highWater": self._store.high_water(),
                  "purgedAt": self.purged_at}
         writer.write(orjson.dumps(hello) + b"\n")
@@ -228,7 +232,10 @@ class PeerLink:
                 self._handle(orjson.loads(line), writer)
         except (OSError, ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
             log.info("peer connection closed: %s", type(exc).__name__)
+        except asyncio.CancelledError:
+            pass                         # shutting down: close quietly
         finally:
+            self._incoming.discard(task)
             writer.close()
 
     def _handle(self, message, writer):

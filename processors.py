@@ -215,6 +215,7 @@ class Dispatcher:
         self._tasks = set()
         self.attempts = [0, 0]
         self.retries = [0, 0]
+        self.dead = [0, 0]           # payments dead-lettered after this processor's answer (observe.py)
         self.outcomes = {}
         self._loop = None
         book.on_ready = self.wake
@@ -366,6 +367,7 @@ class Dispatcher:
         if outcome in (DUPLICATE, REJECTED):
             breaker.on_success()    # the processor answered; the payment is what it refused
             self._book.mark_dead(payment, "%s refused it: %s" % (PROCESSOR_NAMES[processor], detail))
+            self.dead[processor] += 1
             log.warning("dead-lettered %s: %s", payment.correlation_id, payment.last_error)
             if audit:
                 audit.record("dead_lettered", payment.correlation_id, processor=PROCESSOR_NAMES[processor],

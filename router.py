@@ -37,6 +37,7 @@ BAD_AMOUNT = json_error(400, "amount must be a number")
 NOT_POSITIVE = json_error(400, "amount must be at least 0.01")
 CONFLICT = json_error(409, "correlationId already accepted with a different amount")
 QUEUE_FULL = json_error(503, "too many pending payments, retry later", b"retry-after: 1\r\n")
+STOPPING = json_error(503, "instance shutting down, retry", b"retry-after: 1\r\n")
 PURGE_OFF = json_error(403, "purge is disabled on this deployment")
 ADMIN_OFF = json_error(403, "administrative operations are disabled (no ADMIN_TOKEN configured)")
 BAD_TOKEN = json_error(401, "missing or wrong X-Admin-Token")
@@ -83,7 +84,9 @@ class Router:
             return self.health() if method == b"GET" else GET_ONLY
         if path.startswith("/payments/") and len(path) > 10:
             return self.lookup(path[10:]) if method == b"GET" else GET_ONLY
-        return NOT_FOUND
+        # /metrics, /metrics.json, /stats, /processors, /report, /dashboard (observe.py)
+        observed = self.instance.observer.route(method, path, query)
+        return NOT_FOUND if observed is None else observed
 
     # ----- POST /payments: the hot path ----------------------------------------------
     def post_payment(self, body):
@@ -110,6 +113,8 @@ class Router:
             return NOT_POSITIVE
         if cents > self.max_cents:
             return self.too_large
+        if self.instance.stopping:
+            return STOPPING
         result = self.instance.book.accept(correlation_id.lower(), cents, monotonic())
         if result is payments.ACCEPTED or result is payments.ALREADY_ACCEPTED:
             return ACCEPTED
@@ -182,10 +187,12 @@ class Router:
     # ----- GET /health ---------------------------------------------------------------
     def health(self):
         instance = self.instance
-        body = orjson.dumps({"status": "ok", "instance": instance.settings.instance_id,
+        body = orjson.dumps({"status": "stopping" if instance.stopping else "ok",
+                             "instance": instance.settings.instance_id,
                              "peer": "up" if instance.peer.link_up else "down",
                              "pending": instance.book.pending})
-        return 200, JSON, body
+        # 503 while stopping takes the instance out of HAProxy's rotation.
+        return (503 if instance.stopping else 200), JSON, body
 
 
 def describe_local(book, correlation_id):

@@ -17,15 +17,17 @@ import sys
 import time
 from collections import deque
 from http import HTTPStatus
+from time import perf_counter_ns
 
 import httptools
 import orjson
 
 from audit import AuditLog
 from config import Settings
+from observe import PEER_METRICS_KEY, ObservedClient, Observer, public_config
 from payments import PaymentBook
 from peer import PeerLink
-from processors import Breaker, Dispatcher, HealthMonitor, ProcessorClient
+from processors import Breaker, Dispatcher, HealthMonitor
 from router import Router, describe_local, json_error
 from store import PaymentStore
 
@@ -56,7 +58,7 @@ def render(response, keep_alive, http10=False):
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("_instance", "_settings", "_router", "_loop", "_transport", "_parser", "_url",
                  "_body", "_body_size", "_head_size", "_head_exact", "_in_request", "_request_timer",
-                 "_idle_timer", "_responses", "_closing", "_paused", "_admin_token")
+                 "_idle_timer", "_responses", "_closing", "_paused", "_admin_token", "_t0", "_observe")
 
     def __init__(self, instance):
         self._instance = instance
@@ -78,6 +80,8 @@ class HttpProtocol(asyncio.Protocol):
         self._closing = False
         self._paused = False
         self._admin_token = None  # X-Admin-Token of the current request (admin routes check it)
+        self._t0 = 0              # perf_counter_ns() when the current request began (observe.py)
+        self._observe = instance.observer.request_done
 
     # ----- connection ----------------------------------------------------------------
     def connection_made(self, transport):
@@ -114,7 +118,11 @@ class HttpProtocol(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
+            # The request was answered (with connection: close) in on_message_complete;
+            # what follows is a protocol we do not speak. One answer only, then close.
+            self._closing = True
+            self._cancel_timers()
+            self._write_ready()
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _Reject):
                 self._fail(exc.__context__.status, exc.__context__.message)
@@ -132,6 +140,7 @@ class HttpProtocol(asyncio.Protocol):
 
     # ----- parser callbacks ----------------------------------------------------------
     def on_message_begin(self):
+        self._t0 = perf_counter_ns()
         self._in_request = True
         self._head_exact = 0
         self._admin_token = None
@@ -145,6 +154,8 @@ class HttpProtocol(asyncio.Protocol):
     def on_url(self, url):
         self._url += url
         self._head_exact += len(url)
+        if self._head_exact > self._settings.max_head_bytes:
+            raise _Reject(431, "request head too large")
 
     def on_header(self, name, value):
         self._head_exact += len(name) + len(value) + 4
@@ -172,7 +183,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._request_timer is not None:
             self._request_timer.cancel()
             self._request_timer = None
-        keep_alive = self._parser.should_keep_alive()
+        keep_alive = self._parser.should_keep_alive() and not self._parser.should_upgrade()
         http10 = self._parser.get_http_version() == "1.0"
         url = self._url
         query_at = url.find(b"?")
@@ -189,19 +200,21 @@ class HttpProtocol(asyncio.Protocol):
         if type(response) is tuple:
             self._responses.append(render(response, keep_alive, http10))
         else:
-            task = self._loop.create_task(self._finish_async(response, keep_alive, http10))
+            task = self._loop.create_task(self._finish_async(response, keep_alive, http10, path))
             self._responses.append(task)
         if not keep_alive:
             self._closing = True
         self._write_ready()
+        self._observe(path, response, self._t0)
 
     # ----- writing answers, in order -------------------------------------------------
-    async def _finish_async(self, coroutine, keep_alive, http10):
+    async def _finish_async(self, coroutine, keep_alive, http10, path=None):
         try:
             response = await coroutine
         except Exception:
             log.exception("unexpected error in a handler")
             response, keep_alive = _INTERNAL_ERROR, False
+        self._instance.observer.count(path, response[0])
         return render(response, keep_alive, http10)
 
     def _write_ready(self):
@@ -216,7 +229,7 @@ class HttpProtocol(asyncio.Protocol):
             responses.popleft()
             self._transport.write(head)
         if self._closing:
-            self._transport.close()
+            self._close_now()
         elif not self._in_request:
             self._start_idle_timer()
 
@@ -230,6 +243,7 @@ class HttpProtocol(asyncio.Protocol):
             return                                    # already ending; nothing more to say
         self._closing = True
         self._cancel_timers()
+        self._instance.observer.count(None, status)
         self._responses.append(render(json_error(status, message), keep_alive=False))
         self._write_ready()
 
@@ -241,7 +255,14 @@ class HttpProtocol(asyncio.Protocol):
 
     def _start_idle_timer(self):
         self._cancel_idle_timer()
-        self._idle_timer = self._loop.call_later(self._settings.keepalive_timeout_s, self._transport.close)
+        self._idle_timer = self._loop.call_later(self._settings.keepalive_timeout_s, self._close_now)
+
+    def _close_now(self):
+        """Close gracefully if our answers are out, else drop the connection (the client is not reading)."""
+        if self._transport.get_write_buffer_size():
+            self._transport.abort()
+        else:
+            self._transport.close()
 
     def _cancel_idle_timer(self):
         if self._idle_timer is not None:
@@ -271,23 +292,35 @@ class Instance:
         self.settings = settings
         self.loop = loop
         self.connections = 0
+        self.stopping = False
         epoch = "%d-%d" % (settings.instance_id, time.time_ns())
         self.store = PaymentStore(settings.store_capacity, epoch)
         self.audit = AuditLog(settings.audit_log, loop)
         self.book = PaymentBook(settings.queue_capacity, settings.index_capacity, self.audit)
-        self.client = ProcessorClient(settings)
+        self.observer = Observer(self)
+        self.client = ObservedClient(settings, self.observer)
         self.breakers = tuple(Breaker(settings.breaker_failures, settings.breaker_probe_s, settings.breaker_probe_max_s)
                               for _ in range(2))
         self.peer = PeerLink(settings, self.store, on_purge=self._purge_here,
                              on_health=lambda processor, report: self.health.apply(processor, report, share=False),
-                             on_lookup=lambda correlation_id: describe_local(self.book, correlation_id),
+                             on_lookup=self._answer_lookup,
                              on_adopt=self._adopt)
         self.health = HealthMonitor(settings, self.client, self.breakers, self.peer)
         self.dispatcher = Dispatcher(settings, self.book, self.store, self.client, self.breakers,
-                                     on_paid=self.peer.publish, audit=self.audit)
+                                     on_paid=self._on_paid, audit=self.audit)
         self.router = Router(self)
         self._servers = []
         self._tasks = []
+
+    def _on_paid(self, record):
+        self.observer.on_paid(record)
+        self.peer.publish(record)
+
+    def _answer_lookup(self, key):
+        """The peer asks about a payment, or (observe.PEER_METRICS_KEY) for our figures."""
+        if key == PEER_METRICS_KEY:
+            return self.observer.snapshot()
+        return describe_local(self.book, key)
 
     def _adopt(self, payments_wire):
         adopted = sum(self.book.adopt(wire, time.monotonic()) for wire in payments_wire)
@@ -305,6 +338,7 @@ class Instance:
         self._tasks.append(self.loop.create_task(self.dispatcher.run()))
         if s.health_enabled:
             self._tasks.append(self.loop.create_task(self.health.run()))
+        self._tasks.append(self.loop.create_task(self.observer.run()))
         factory = lambda: HttpProtocol(self)
         if s.socket_path:
             if os.path.exists(s.socket_path):
@@ -317,6 +351,7 @@ class Instance:
     async def stop(self):
         """Stop taking requests; finish pending payments within the grace period,
         hand the rest to the peer with their exactly-once state, then close."""
+        self.stopping = True                 # payments now get 503 (not accepted); /health says 503
         for server in self._servers:
             server.close()
         deadline = self.loop.time() + self.settings.shutdown_grace_s
@@ -349,6 +384,9 @@ class _JsonFormatter(logging.Formatter):
                  "msg": record.getMessage()}
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
+        config = getattr(record, "config", None)       # log.info(..., extra={"config": {...}})
+        if config is not None:
+            entry["config"] = config
         return orjson.dumps(entry, default=str).decode()
 
 
@@ -368,7 +406,7 @@ async def serve(settings):
     gc.collect()
     gc.freeze()
     gc.set_threshold(700, 10, 100)
-    log.info("instance %d ready: %s", settings.instance_id, orjson.dumps(settings.public()).decode())
+    log.info("instance %d ready", settings.instance_id, extra={"config": public_config(settings)})
     stopping = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: stopping.done() or stopping.set_result(None))

@@ -30,6 +30,10 @@ KEEPALIVE_TIMEOUT_S = 1.5
 # the baseline; 1,000 (make chaos) at most 5 ms, because the server then times out ~1,000 connections
 # in the same few milliseconds every REQUEST_TIMEOUT_S (see docs/RELIABILITY.md).
 MARGIN_MS = scaled(2.0, 5.0)
+# Unix sockets that may come and go on their own meanwhile (the measuring clients'
+# keep-alive connections, the peer link reconnecting): far fewer than the 20 to
+# hundreds of slow connections whose closing these tests check.
+SOCKET_SLACK = 5
 MARGIN = "p99 under attack <= 2 x baseline p99 + %g ms (baseline: the worse of before and after)" % MARGIN_MS
 
 
@@ -76,7 +80,8 @@ def test_slow_clients_do_not_hurt_normal_clients_and_are_closed(inst):
         assert process.returncode == 0, err[-2000:]
         results[mode] = json.loads(out)
     try:
-        wait_until(lambda: proc_stats(pid)["unix_sockets"] <= fds_before, timeout=3, what="slow connections to close")
+        wait_until(lambda: proc_stats(pid)["unix_sockets"] <= fds_before + SOCKET_SLACK, timeout=3,
+                   what="slow connections to close")
     except AssertionError:
         pass                                  # asserted below, after the figures are recorded
     fds_after = proc_stats(pid)["unix_sockets"]
@@ -106,7 +111,7 @@ def test_slow_clients_do_not_hurt_normal_clients_and_are_closed(inst):
         assert max(closed[mode] + still_open[mode]) < limit + 1.0, (mode, max(closed[mode] + still_open[mode]))
         if mode != "idle":
             assert statuses[mode] == {"HTTP/1.1 408 Request Timeout": len(closed[mode])}, statuses[mode]
-    assert fds_after <= fds_before, "connections left open: %d more than before" % (fds_after - fds_before)
+    assert fds_after <= fds_before + SOCKET_SLACK, "connections left open: %d more than before" % (fds_after - fds_before)
 
 
 def test_clients_that_never_read_are_closed_by_the_timeouts(inst):
@@ -118,7 +123,7 @@ def test_clients_that_never_read_are_closed_by_the_timeouts(inst):
         fds = proc_stats(pid)["unix_sockets"]
     finally:
         process.communicate(timeout=30)
-    assert fds <= fds_before, "%d connections still open after both timeouts" % (fds - fds_before)
+    assert fds <= fds_before + SOCKET_SLACK, "%d connections still open after both timeouts" % (fds - fds_before)
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(

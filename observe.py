@@ -41,9 +41,9 @@ import orjson
 
 from payments import PENDING
 from processors import AMBIGUOUS, FAILED, ProcessorClient
-from router import GET_ONLY, JSON, json_error
+from router import GET_ONLY, JSON, json_error, parse_window
 from store import PROCESSOR_NAMES
-from timestamps import format_ms, now_ms, parse_lower_bound_ms, parse_upper_bound_ms
+from timestamps import format_ms, now_ms
 
 log = logging.getLogger("observe")
 
@@ -474,18 +474,11 @@ class Observer:
 
     # ----- GET /report ---------------------------------------------------------------
     def report(self, query):
+        bounds = parse_window(query)
+        if type(bounds) is not list:
+            return bounds                    # the 400 answer
         params = parse_qs(query, keep_blank_values=True) if query else {}
-        texts, bounds = {}, []
-        for name, parse in (("from", parse_lower_bound_ms), ("to", parse_upper_bound_ms)):
-            text = params.get(name, [""])[-1]
-            texts[name] = text or None
-            if not text:
-                bounds.append(None)
-                continue
-            try:
-                bounds.append(parse(text))
-            except (ValueError, OverflowError):
-                return json_error(400, "%s must be an ISO-8601 timestamp" % name)
+        texts = {name: params.get(name, [""])[-1] or None for name in ("from", "to")}
         totals = self.instance.store.summary(*bounds)
         rates = fee_rates(self.settings)
         processors, total = {}, {"payments": 0, "gross": Decimal(0), "fees": Decimal(0), "net": Decimal(0)}

@@ -61,6 +61,22 @@ def to_cents(amount):
     return int(Decimal(repr(amount)).quantize(_CENT, rounding=ROUND_HALF_EVEN) * 100)
 
 
+def parse_window(query):
+    """?from=&to= -> [from_ms, to_ms] (None where missing or empty), or a 400 answer."""
+    params = parse_qs(query, keep_blank_values=True) if query else {}
+    bounds = []
+    for name, parse in (("from", parse_lower_bound_ms), ("to", parse_upper_bound_ms)):
+        text = params.get(name, [""])[-1]
+        if not text:
+            bounds.append(None)
+            continue
+        try:
+            bounds.append(parse(text))
+        except (ValueError, OverflowError):
+            return json_error(400, "%s must be an ISO-8601 timestamp" % name)
+    return bounds
+
+
 def format_cents(cents):
     return b"%d.%02d" % divmod(cents, 100)
 
@@ -122,17 +138,9 @@ class Router:
 
     # ----- GET /payments-summary -----------------------------------------------------
     def summary(self, query):
-        params = parse_qs(query, keep_blank_values=True) if query else {}
-        bounds = []
-        for name, parse in (("from", parse_lower_bound_ms), ("to", parse_upper_bound_ms)):
-            text = params.get(name, [""])[-1]
-            if not text:
-                bounds.append(None)
-                continue
-            try:
-                bounds.append(parse(text))
-            except (ValueError, OverflowError):
-                return json_error(400, "%s must be an ISO-8601 timestamp" % name)
+        bounds = parse_window(query)
+        if type(bounds) is not list:
+            return bounds                    # the 400 answer
         totals = self.instance.store.summary(*bounds)
         body = b'{"default":{"totalRequests":%d,"totalAmount":%s},"fallback":{"totalRequests":%d,"totalAmount":%s}}' % (
             totals.count[DEFAULT], format_cents(totals.cents[DEFAULT]),

@@ -25,6 +25,16 @@ def free_port():
         return s.getsockname()[1]
 
 
+def terminate(process, grace_s):
+    """SIGTERM, then SIGKILL if the process is still there after grace_s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def wait_until(predicate, timeout=10.0, interval=0.05, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,12 +122,7 @@ class Simulator:
         return self.admin("GET", "/admin/sim/stats")
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        terminate(self.process, 5)
         self._log.close()
 
 
@@ -149,7 +154,12 @@ class Instance:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py")], env=self.env,
                                         stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
-        wait_until(lambda: self.get("/health")[0] == 200, what="instance %d" % self.instance_id)
+        try:
+            wait_until(lambda: self.get("/health")[0] == 200, what="instance %d" % self.instance_id)
+        except BaseException:
+            terminate(self.process, 5)        # never leave a half-started instance behind
+            self._log.close()
+            raise
 
     def get(self, path):
         return request(self.http_port, "GET", path)
@@ -175,12 +185,7 @@ class Instance:
             return f.read().decode(errors="replace")
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        terminate(self.process, 15)   # an instance may spend its grace period finishing payments
         self._log.close()
 
 

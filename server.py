@@ -5,6 +5,8 @@ written in request order (pipelining) from one place, _write_ready. Limits:
 head > max_head_bytes -> 431, body > max_body_bytes -> 413, malformed -> 400,
 a request not complete within request_timeout_s -> 408; each closes the
 connection. Idle keep-alive connections close after keepalive_timeout_s.
+Pipelined requests are parsed in slices, and parsing stops while the client
+is not reading its answers, so a flood cannot pile answers up in memory.
 
 Run: python server.py (settings from the environment, see config.py).
 """
@@ -37,6 +39,10 @@ _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) f
 _KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CLOSE = b"connection: close\r\n"
 _INTERNAL_ERROR = json_error(500, "internal error")
+# Back-pressure on pipelining: parse at most this many bytes before checking whether the
+# client reads its answers, and hold parsing while this many answers are still being computed.
+_FEED_SLICE = 4 * 1024
+_MAX_PENDING_ANSWERS = 32
 _response_cache = {}
 
 
@@ -58,7 +64,8 @@ def render(response, keep_alive, http10=False):
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("_instance", "_settings", "_router", "_loop", "_transport", "_parser", "_url",
                  "_body", "_body_size", "_head_size", "_head_exact", "_in_request", "_request_timer",
-                 "_idle_timer", "_responses", "_closing", "_paused", "_admin_token", "_t0", "_observe")
+                 "_idle_timer", "_responses", "_closing", "_paused", "_unparsed", "_admin_token", "_t0",
+                 "_observe")
 
     def __init__(self, instance):
         self._instance = instance
@@ -79,6 +86,7 @@ class HttpProtocol(asyncio.Protocol):
         self._responses = deque()
         self._closing = False
         self._paused = False
+        self._unparsed = b""     # received but held back until the client reads its answers
         self._admin_token = None  # X-Admin-Token of the current request (admin routes check it)
         self._t0 = 0              # perf_counter_ns() when the current request began (observe.py)
         self._observe = instance.observer.request_done
@@ -105,12 +113,42 @@ class HttpProtocol(asyncio.Protocol):
 
     def resume_writing(self):
         self._paused = False
-        if not self._closing:
-            self._transport.resume_reading()
+        self._continue_reading()
 
     def data_received(self, data):
         if self._closing:
             return
+        if self._unparsed or self._paused or len(self._responses) > _MAX_PENDING_ANSWERS:
+            self._unparsed += data                    # held back, in order, until answers drain
+            self._transport.pause_reading()
+            return
+        if len(data) <= _FEED_SLICE:
+            self._feed(data)
+        else:
+            self._feed_slices(data)
+
+    def _feed_slices(self, data):
+        """Parse a large read slice by slice; hold the rest while the client is not keeping up."""
+        start = 0
+        while start < len(data) and not self._closing:
+            if self._paused or len(self._responses) > _MAX_PENDING_ANSWERS:
+                self._unparsed = data[start:]
+                self._transport.pause_reading()
+                return
+            self._feed(data[start:start + _FEED_SLICE])
+            start += _FEED_SLICE
+
+    def _continue_reading(self):
+        """Called when answers drained: parse what was held back, then read again."""
+        if self._closing or self._paused or len(self._responses) > _MAX_PENDING_ANSWERS:
+            return
+        data, self._unparsed = self._unparsed, b""
+        if data:
+            self._feed_slices(data)
+        if not self._unparsed and not self._closing and not self._paused:
+            self._transport.resume_reading()
+
+    def _feed(self, data):
         if not self._in_request:
             self._head_size = 0
         if self._head_size >= 0:                      # still in a request's head
@@ -236,6 +274,8 @@ class HttpProtocol(asyncio.Protocol):
     def _on_async_done(self, task):
         if not task.cancelled() and self._transport is not None and not self._transport.is_closing():
             self._write_ready()
+            if self._unparsed:
+                self._continue_reading()
 
     def _fail(self, status, message):
         """Answer an error that ends the connection (after earlier answers)."""

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from stack import Stack
+from stack import Stack, read_until_close
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +25,6 @@ def connect(inst):
     s.settimeout(5)
     s.connect(inst.socket)
     return s
-
-
-def read_all(s):
-    """Read until the server closes the connection."""
-    chunks = []
-    while True:
-        data = s.recv(65536)
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
 
 
 def read_responses(s, count):
@@ -90,14 +80,15 @@ def test_chunked_body(inst):
 def test_connection_close_is_honoured(inst):
     s = connect(inst)
     s.sendall(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
-    data = read_all(s)   # returns only because the server closed
+    data = read_until_close(s)
     assert data.startswith(b"HTTP/1.1 200") and b"connection: close" in data.lower()
+    assert s.recv(1) == b""      # closed by the server, not a timeout of ours
 
 
 def test_http10_closes_unless_keep_alive(inst):
     s = connect(inst)
     s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
-    assert read_all(s).startswith(b"HTTP/1.1 200")
+    assert read_until_close(s).startswith(b"HTTP/1.1 200")
     s = connect(inst)
     s.sendall(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     status, head, _ = read_responses(s, 1)[0]
@@ -108,14 +99,14 @@ def test_http10_closes_unless_keep_alive(inst):
 def test_malformed_http_is_400_and_closed(inst):
     s = connect(inst)
     s.sendall(b"THIS IS NOT HTTP\r\n\r\n")
-    data = read_all(s)
+    data = read_until_close(s)
     assert data.startswith(b"HTTP/1.1 400") and b"Traceback" not in data
 
 
 def test_oversized_head_is_431(inst):
     s = connect(inst)
     s.sendall(b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
-    assert read_all(s).startswith(b"HTTP/1.1 431")
+    assert read_until_close(s).startswith(b"HTTP/1.1 431")
 
 
 def test_header_flood_without_end_is_431(inst):
@@ -126,13 +117,13 @@ def test_header_flood_without_end_is_431(inst):
             s.sendall(b"X-H%d: v\r\n" % i)
     except (BrokenPipeError, ConnectionResetError):
         pass
-    assert read_all(s).startswith(b"HTTP/1.1 431")
+    assert read_until_close(s).startswith(b"HTTP/1.1 431")
 
 
 def test_announced_oversized_body_is_413_before_reading_it(inst):
     s = connect(inst)
     s.sendall(b"POST /payments HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
-    assert read_all(s).startswith(b"HTTP/1.1 413")
+    assert read_until_close(s).startswith(b"HTTP/1.1 413")
 
 
 def test_chunked_oversized_body_is_413(inst):
@@ -143,14 +134,14 @@ def test_chunked_oversized_body_is_413(inst):
             s.sendall(b"400\r\n" + b"x" * 1024 + b"\r\n")
     except (BrokenPipeError, ConnectionResetError):
         pass
-    assert read_all(s).startswith(b"HTTP/1.1 413")
+    assert read_until_close(s).startswith(b"HTTP/1.1 413")
 
 
 def test_stalled_request_gets_408(inst):
     s = connect(inst)
     s.sendall(b"POST /payments HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"corr")
     started = time.monotonic()
-    data = read_all(s)
+    data = read_until_close(s)
     assert data.startswith(b"HTTP/1.1 408")
     assert 0.8 < time.monotonic() - started < 3
 

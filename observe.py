@@ -301,20 +301,9 @@ class Observer:
         candidates = [payment for queue in (book.ready, book.pinned[0], book.pinned[1])
                       for payment in islice(queue, 64)]
         candidates += [entry[-1] for entry in getattr(book, "_waiting", ())]
-        candidates += self._in_flight_payments()
+        candidates += book.in_flight
         ages = [payment.accepted_at for payment in candidates if payment.state == PENDING]
         return max(0.0, time.monotonic() - min(ages)) if ages else 0.0
-
-    def _in_flight_payments(self):
-        """The payments of the dispatcher's running attempts (read from their coroutines)."""
-        for task in list(getattr(self.instance.dispatcher, "_tasks", ())):
-            try:
-                frame = task.get_coro().cr_frame
-                payment = frame.f_locals.get("payment") if frame is not None else None
-            except Exception:
-                payment = None
-            if payment is not None and hasattr(payment, "accepted_at"):
-                yield payment
 
     def processor_recent(self, processor):
         cutoff = time.monotonic() - PROCESSOR_RECENT_S
@@ -391,7 +380,7 @@ class Observer:
                       "paid": book.paid, "dead": book.dead},
             "processors": processors,
             "store": {"records": len(store), "capacity": store.capacity, "overwritten": store.overwritten},
-            "peer": {"link_up": peer.link_up, "records_sent": peer.records_sent,
+            "peer": {"link_up": peer.link_up, "replica": peer.replica_size(), "records_sent": peer.records_sent,
                      "records_received": peer.records_received, "connects": peer.connects},
             # from_start: the first row is the first sample since the process started (counters were 0 before).
             "series": {"fields": SERIES_FIELDS, "rows": list(self.series),

@@ -19,7 +19,7 @@ ACCEPTED, ALREADY_ACCEPTED, CONFLICT, QUEUE_FULL = range(4)
 
 class Payment:
     __slots__ = ("correlation_id", "cents", "state", "attempts", "last_error",
-                 "requested_at", "ambiguous", "pinned", "paid_by", "accepted_at")
+                 "requested_at", "ambiguous", "pinned", "paid_by", "accepted_at", "in_flight_to")
 
     def __init__(self, correlation_id, cents, accepted_at):
         self.correlation_id = correlation_id
@@ -36,6 +36,7 @@ class Payment:
         self.pinned = None       # processor index the payment must stay on, or None
         self.paid_by = None
         self.accepted_at = accepted_at
+        self.in_flight_to = None # processor index while an attempt is under way
 
     @property
     def amount_text(self):
@@ -60,6 +61,20 @@ class Payment:
         return info
 
 
+def left_behind(replica_entry):
+    """A pending payment of a peer that died -> the wire form adopt() takes.
+
+    An attempt that was under way may have reached the processor: the payment
+    stays on that processor with the same requestedAt, as after an ambiguous
+    attempt, so a 422 there means "already paid" and is recorded once.
+    """
+    wire, in_flight_to = replica_entry
+    if in_flight_to is not None:
+        wire[3][in_flight_to] = True      # ambiguous there
+        wire[4] = in_flight_to            # pinned there
+    return wire
+
+
 class PaymentBook:
     def __init__(self, queue_capacity, index_capacity, audit=None):
         self.queue_capacity = queue_capacity
@@ -69,11 +84,16 @@ class PaymentBook:
         self.ready = deque()          # PENDING payments free to go to any processor
         self.pinned = (deque(), deque())  # PENDING payments that must stay on one processor
         self._waiting = []            # heap of (due, n, payment) backing off before a retry
+        self.in_flight = set()        # payments with an attempt under way (the dispatcher keeps it)
         self._tiebreak = itertools.count()
         self.pending = 0              # PENDING payments, wherever they are (queue, heap, in flight)
         self.paid = 0
         self.dead = 0
         self.on_ready = None          # called when work becomes ready (the dispatcher's wake-up)
+        # The peer's replica hears of new pending payments: on_accepted before the 202 is written,
+        # on_new (adopted or replayed) within the loop step.
+        self.on_accepted = None
+        self.on_new = None
 
     # ----- accepting -----------------------------------------------------------------
     def accept(self, correlation_id, cents, now):
@@ -90,6 +110,8 @@ class PaymentBook:
         self.ready.append(payment)
         if self.audit is not None and self.audit.enabled:
             self.audit.record("accepted", correlation_id, amount=payment.amount_text)
+        if self.on_accepted is not None:
+            self.on_accepted(payment)
         if self.on_ready is not None:
             self.on_ready()
         return ACCEPTED
@@ -158,6 +180,8 @@ class PaymentBook:
                 (self.ready if payment.pinned is None else self.pinned[payment.pinned]).append(payment)
                 if self.audit is not None and self.audit.enabled:
                     self.audit.record("replayed", payment.correlation_id)
+                if self.on_new is not None:
+                    self.on_new(payment)
                 replayed += 1
         if replayed and self.on_ready is not None:
             self.on_ready()
@@ -177,7 +201,7 @@ class PaymentBook:
         return taken
 
     def adopt(self, wire, now):
-        """Take over a payment the peer handed over; False if it is already known here."""
+        """Take over a payment the peer handed over (or left behind when it died); False if known here."""
         correlation_id, cents, requested_at, ambiguous, pinned, attempts, last_error = wire
         known = self._index.get(correlation_id)
         if known is not None and known.state != HANDED_OVER:
@@ -193,9 +217,17 @@ class PaymentBook:
         (self.ready if pinned is None else self.pinned[pinned]).append(payment)
         if self.audit is not None and self.audit.enabled:
             self.audit.record("adopted", correlation_id, attempts=attempts)
+        if self.on_new is not None:
+            self.on_new(payment)
         if self.on_ready is not None:
             self.on_ready()
         return True
+
+    def pending_payments(self):
+        """Every PENDING payment, wherever it is (queues, backoff heap, in flight)."""
+        found = list(self.ready) + list(self.pinned[0]) + list(self.pinned[1]) + list(self.in_flight)
+        found += [entry[2] for entry in self._waiting if entry[2].state == PENDING]
+        return found
 
     def forget_finished(self):
         """After a purge: forget paid and dead payments, keep everything still pending."""

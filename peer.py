@@ -13,9 +13,22 @@ one epoch travel in order, so "highWater" (the highest sequence held per
 epoch) says exactly what a store lacks: a restarted or reconnected peer gets
 everything it missed, and nothing is ever counted twice.
 
-Messages are JSON arrays, one per line: ["R", records], ["S", processor,
-report], ["P", purgedAt], ["L", id, correlationId] / ["l", id, answer],
-["H", payments] (pending payments handed over by an instance shutting down).
+Messages are JSON arrays, one per line: ["R", records, finished, watched],
+["S", processor, report], ["P", purgedAt], ["L", id, correlationId] /
+["l", id, answer], ["H", payments] (pending payments handed over by an
+instance shutting down), ["E", epoch, watched] (sent once the link is up).
+
+The replica: each instance keeps a copy of the peer's *pending* payments, so
+that a peer killed outright loses nothing. "E" carries all of them; then each
+"R" adds the payments accepted or changed (`watched`: [payment wire,
+processor an attempt is under way at, or None]) and drops those the records
+in the same message paid or that were dead-lettered (`finished`). One
+message, so a peer dying mid-write leaves either both or neither. An attempt
+is announced before its request leaves. When the peer's epoch is known dead
+(a new epoch answers, or its socket refuses connections: no process listens)
+and its connection has closed, its replica is inherited: each payment is
+adopted here, one that was in flight pinned to that processor as after an
+ambiguous attempt (its 422 then means "already paid": recorded once).
 """
 import asyncio
 import itertools
@@ -33,8 +46,23 @@ RECONNECT_S = 0.25
 LOOKUP_TIMEOUT_S = 0.5
 
 
+def replica_entry(payment):
+    """What the peer keeps of one of our pending payments."""
+    return [payment.to_wire(), payment.in_flight_to]
+
+
+class _IncomingLink:
+    """One connection from the peer: where to answer, and which epoch of the peer sends on it."""
+    __slots__ = ("writer", "epoch")
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.epoch = None
+
+
 class PeerLink:
-    def __init__(self, settings, store, on_purge, on_health, on_lookup, on_adopt=None):
+    def __init__(self, settings, store, on_purge, on_health, on_lookup, on_adopt=None, pending=None,
+                 on_inherit=None):
         self._listen_path = settings.peer_listen
         self._connect_path = settings.peer_connect
         self._store = store
@@ -42,11 +70,18 @@ class PeerLink:
         self._on_health = on_health      # (processor, report) from the peer's monitor
         self._on_lookup = on_lookup      # correlationId -> description dict or None
         self._on_adopt = on_adopt        # list of handed-over payments (wire form)
+        self._pending = pending          # () -> our pending payments (for the peer's replica)
+        self._on_inherit = on_inherit    # (epoch, replica entries) of a peer that died
         self.purged_at = 0
         self.link_up = False             # our outgoing connection is synchronised
         self._writer = None
         self._syncing = False
         self._batch = []                 # records paid this loop step, flushed once per step
+        self._finished = []              # correlationIds no longer pending here, same flush
+        self._watched = []               # replica entries of payments accepted or changed, same flush
+        self._replicas = {}              # peer epoch -> {correlationId: replica entry}
+        self._replica_links = {}         # peer epoch -> its connections to us still open
+        self._dead_epochs = set()        # peer epochs known to be gone, to inherit once closed
         self._outbox = []                # records paid while a resync is in progress
         self._flush_scheduled = False
         self._lookups = {}
@@ -80,23 +115,53 @@ class PeerLink:
             self._writer.close()
 
     # ----- what the rest of the instance calls --------------------------------------
-    def publish(self, record):
+    def publish(self, record, payment=None):
         """A record this instance just paid: send it to the peer soon (same loop step)."""
         if self._writer is None:
             return                       # the resync after reconnecting will carry it
         if self._syncing:
-            self._outbox.append(record)
+            self._outbox.append(record)  # the replica snapshot at the end of the resync knows it paid
             return
         self._batch.append(record)
+        if payment is not None:
+            self._finished.append(payment.correlation_id)
+        self._schedule_flush()
+
+    def watch(self, payment, now=False):
+        """A pending payment was accepted or changed here: the peer's replica hears of it this
+        loop step, or at once with `now` (an acceptance, before its 202 is written)."""
+        if self.link_up:
+            self._watched.append(replica_entry(payment))
+            if now:
+                self._flush()
+            else:
+                self._schedule_flush()
+
+    def watch_now(self, payments):
+        """Attempts about to start: written at once, before any of their requests leaves."""
+        if self.link_up:
+            self._watched.extend(replica_entry(payment) for payment in payments)
+            self._flush()
+
+    def forget(self, payment):
+        """A payment dead-lettered here: no longer pending."""
+        if self.link_up:
+            self._finished.append(payment.correlation_id)
+            self._schedule_flush()
+
+    def _schedule_flush(self):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self):
         self._flush_scheduled = False
-        batch, self._batch = self._batch, []
-        if batch and self._writer is not None:
-            self._send(["R", batch])
+        batch, finished, watched = self._batch, self._finished, self._watched
+        if not (batch or finished or watched):
+            return
+        self._batch, self._finished, self._watched = [], [], []
+        if self._writer is not None:
+            self._send(["R", batch, finished, watched])
             self.records_sent += len(batch)
 
     def send_health(self, processor, report):
@@ -158,6 +223,13 @@ class PeerLink:
         while True:
             try:
                 reader, writer = await asyncio.open_unix_connection(self._connect_path, limit=LINE_LIMIT)
+            except ConnectionRefusedError:
+                # The socket file is there but nothing listens: the process that held it is gone
+                # (a live peer's full backlog answers EAGAIN, not this).
+                self._dead_epochs.update(self._replicas)
+                self._inherit_dead()
+                await asyncio.sleep(RECONNECT_S)
+                continue
             except OSError:
                 await asyncio.sleep(RECONNECT_S)
                 continue
@@ -171,6 +243,8 @@ class PeerLink:
                 self._syncing = False
                 self._outbox.clear()
                 self._batch.clear()
+                self._finished.clear()
+                self._watched.clear()
                 writer.close()
                 for future in self._lookups.values():
                     if not future.done():
@@ -181,6 +255,7 @@ class PeerLink:
         hello = orjson.loads(await reader.readline() or b"null")
         if not isinstance(hello, dict):
             raise ValueError("peer sent no hello")
+        self._peer_epoch_is(hello["epoch"])
         if hello["purgedAt"] > self.purged_at:
             self._apply_purge(hello["purgedAt"])
         self._writer = writer
@@ -204,6 +279,8 @@ class PeerLink:
             self._send(["R", self._outbox])
             self.records_sent += len(self._outbox)
             self._outbox = []
+        pending = self._pending() if self._pending is not None else []
+        self._send(["E", self._store.local_epoch, [replica_entry(payment) for payment in pending]])
         self.link_up = True
         self.connects += 1
         log.info("peer link up (peer epoch %s, %d records sent)", hello["epoch"], self.records_sent)
@@ -224,12 +301,13 @@ class PeerLink:
         hello = {"epoch": self._store.local_epoch, "highWater": self._store.high_water(),
                  "purgedAt": self.purged_at}
         writer.write(orjson.dumps(hello) + b"\n")
+        link = _IncomingLink(writer)
         try:
             while True:
                 line = await reader.readline()
-                if not line:
-                    break
-                self._handle(orjson.loads(line), writer)
+                if not line or not line.endswith(b"\n"):
+                    break                # closed, possibly mid-line by a peer that died: drop the part
+                self._handle(orjson.loads(line), link)
         except (OSError, ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
             log.info("peer connection closed: %s", type(exc).__name__)
         except asyncio.CancelledError:
@@ -237,24 +315,64 @@ class PeerLink:
         finally:
             self._incoming.discard(task)
             writer.close()
+            if link.epoch is not None:
+                self._replica_links[link.epoch] -= 1
+                self._inherit_dead()
 
-    def _handle(self, message, writer):
+    def _handle(self, message, link):
         kind = message[0]
+        writer = link.writer
         if kind == "R":
             ingest = self._store.ingest
             for record in message[1]:
                 if ingest(*record):
                     self.records_received += 1
+            replica = self._replicas.get(link.epoch) if len(message) > 2 else None
+            if replica is not None:
+                for entry in message[3]:
+                    replica[entry[0][0]] = entry
+                for correlation_id in message[2]:
+                    replica.pop(correlation_id, None)
+        elif kind == "E":
+            epoch = message[1]
+            if link.epoch != epoch:
+                if link.epoch is not None:
+                    self._replica_links[link.epoch] -= 1
+                link.epoch = epoch
+                self._replica_links[epoch] = self._replica_links.get(epoch, 0) + 1
+            self._replicas[epoch] = {entry[0][0]: entry for entry in message[2]}
+            self._peer_epoch_is(epoch)
         elif kind == "S":
             self._on_health(message[1], message[2])
         elif kind == "P":
             if message[1] > self.purged_at:
                 self._apply_purge(message[1])
         elif kind == "H":
+            replica = self._replicas.get(link.epoch, {})
+            for wire in message[1]:
+                replica.pop(wire[0], None)
             if self._on_adopt is not None:
                 self._on_adopt(message[1])
         elif kind == "L":
             writer.write(orjson.dumps(["l", message[1], self._on_lookup(message[2])]) + b"\n")
+
+    # ----- the peer's replica: inherited once its epoch is gone -----------------------
+    def _peer_epoch_is(self, epoch):
+        """The peer's process now runs as `epoch`: any other epoch of it is dead."""
+        self._dead_epochs.update(known for known in self._replicas if known != epoch)
+        self._inherit_dead()
+
+    def _inherit_dead(self):
+        # Only once a dead epoch's connections have closed: every message it sent has been applied.
+        for epoch in [e for e in self._dead_epochs if not self._replica_links.get(e)]:
+            self._dead_epochs.discard(epoch)
+            self._replica_links.pop(epoch, None)
+            entries = self._replicas.pop(epoch, None)
+            if entries and self._on_inherit is not None:
+                self._on_inherit(epoch, list(entries.values()))
+
+    def replica_size(self):
+        return sum(len(entries) for entries in self._replicas.values())
 
     def _apply_purge(self, purged_at):
         self.purged_at = purged_at

@@ -199,14 +199,17 @@ class Dispatcher:
     the event loop (and the CPU quota) while payment requests wait.
     """
 
-    def __init__(self, settings, book, store, client, breakers, on_paid=None, audit=None):
+    def __init__(self, settings, book, store, client, breakers, on_paid=None, audit=None, replica=None):
         self._settings = settings
         self._audit = audit
         self._book = book
         self._store = store
         self._client = client
         self.breakers = breakers
-        self.on_paid = on_paid
+        self.on_paid = on_paid        # (record, payment) once a payment is recorded
+        # The peer's copy of our pending payments (peer.PeerLink, or None): it must hear of
+        # an attempt before the request leaves, so it can settle it if we die meanwhile.
+        self._replica = replica
         self.in_flight = [0, 0]
         self._max_in_flight = (settings.max_in_flight_default, settings.max_in_flight_fallback)
         self._tokens = float(settings.dispatch_burst)
@@ -274,15 +277,19 @@ class Dispatcher:
 
     def _dispatch(self, now):
         book = self._book
+        started = []
         for processor in (DEFAULT, FALLBACK):
             queue = book.pinned[processor]
             while queue and self._tokens >= 1 and self._can_send(processor, now):
-                self._start(queue.popleft(), processor)
+                started.append(self._start(queue.popleft(), processor))
         while book.ready and self._tokens >= 1:
             processor = self._route(now)
             if processor is None:
                 break
-            self._start(book.ready.popleft(), processor)
+            started.append(self._start(book.ready.popleft(), processor))
+        if started and self._replica is not None:
+            # Written now, before the attempts' tasks first run and send their requests.
+            self._replica.watch_now(started)
 
     def _next_wake(self, now, next_due):
         """When the loop must look again without being woken (None: only when woken).
@@ -314,12 +321,15 @@ class Dispatcher:
         payment.attempts += 1
         if payment.requested_at[processor] is None:
             payment.requested_at[processor] = now_ms()
+        payment.in_flight_to = processor
+        self._book.in_flight.add(payment)
         if self._audit is not None and self._audit.enabled:
             self._audit.record("attempt", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
                                requestedAt=format_ms(payment.requested_at[processor]), attempt=payment.attempts)
         task = self._loop.create_task(self._attempt(payment, processor))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return payment
 
     async def _attempt(self, payment, processor):
         body = b'{"correlationId":"%s","amount":%s,"requestedAt":"%s"}' % (
@@ -335,6 +345,8 @@ class Dispatcher:
             outcome, detail = AMBIGUOUS, "internal error: %s" % type(exc).__name__
         finally:
             self.in_flight[processor] -= 1
+            payment.in_flight_to = None
+            self._book.in_flight.discard(payment)
             self._settle(payment, processor, outcome, detail)
             self.wake()
 
@@ -359,7 +371,7 @@ class Dispatcher:
             record = self._store.record_local(payment.requested_at[processor], payment.cents, processor)
             self._book.mark_paid(payment, processor)
             if self.on_paid is not None:
-                self.on_paid(record)
+                self.on_paid(record, payment)
             if audit:
                 audit.record("paid", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
                              requestedAt=format_ms(payment.requested_at[processor]), outcome=outcome)
@@ -368,6 +380,8 @@ class Dispatcher:
             breaker.on_success()    # the processor answered; the payment is what it refused
             self._book.mark_dead(payment, "%s refused it: %s" % (PROCESSOR_NAMES[processor], detail))
             self.dead[processor] += 1
+            if self._replica is not None:
+                self._replica.forget(payment)
             log.warning("dead-lettered %s: %s", payment.correlation_id, payment.last_error)
             if audit:
                 audit.record("dead_lettered", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
@@ -381,6 +395,8 @@ class Dispatcher:
         s = self._settings
         backoff = min(s.retry_max_s, s.retry_base_s * 2 ** min(payment.attempts - 1, 16))
         self._book.retry_later(payment, now + backoff * random.uniform(0.5, 1.5))
+        if self._replica is not None:
+            self._replica.watch(payment)    # no longer in flight; maybe now pinned
         if audit:
             audit.record("retry", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
                          outcome=outcome, reason=detail, pinned=payment.pinned is not None)

@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from collections import deque
+from functools import partial
 from http import HTTPStatus
 from time import perf_counter_ns
 
@@ -27,7 +28,7 @@ import orjson
 from audit import AuditLog
 from config import Settings
 from observe import PEER_METRICS_KEY, ObservedClient, Observer, public_config
-from payments import PaymentBook
+from payments import PaymentBook, left_behind
 from peer import PeerLink
 from processors import Breaker, Dispatcher, HealthMonitor
 from router import Router, describe_local, json_error
@@ -344,17 +345,21 @@ class Instance:
         self.peer = PeerLink(settings, self.store, on_purge=self._purge_here,
                              on_health=lambda processor, report: self.health.apply(processor, report, share=False),
                              on_lookup=self._answer_lookup,
-                             on_adopt=self._adopt)
+                             on_adopt=self._adopt,
+                             pending=self.book.pending_payments,
+                             on_inherit=self._inherit)
+        self.book.on_new = self.peer.watch
+        self.book.on_accepted = partial(self.peer.watch, now=True)
         self.health = HealthMonitor(settings, self.client, self.breakers, self.peer)
         self.dispatcher = Dispatcher(settings, self.book, self.store, self.client, self.breakers,
-                                     on_paid=self._on_paid, audit=self.audit)
+                                     on_paid=self._on_paid, audit=self.audit, replica=self.peer)
         self.router = Router(self)
         self._servers = []
         self._tasks = []
 
-    def _on_paid(self, record):
+    def _on_paid(self, record, payment):
         self.observer.on_paid(record)
-        self.peer.publish(record)
+        self.peer.publish(record, payment)
 
     def _answer_lookup(self, key):
         """The peer asks about a payment, or (observe.PEER_METRICS_KEY) for our figures."""
@@ -365,6 +370,13 @@ class Instance:
     def _adopt(self, payments_wire):
         adopted = sum(self.book.adopt(wire, time.monotonic()) for wire in payments_wire)
         log.info("adopted %d payments handed over by the peer", adopted)
+
+    def _inherit(self, epoch, entries):
+        """The peer died (epoch gone): carry on with the pending payments it left behind."""
+        wires = [left_behind(entry) for entry in entries]
+        adopted = sum(self.book.adopt(wire, time.monotonic()) for wire in wires)
+        log.warning("peer %s is gone: inherited %d of its pending payments (%d were at a processor)",
+                    epoch, adopted, sum(1 for entry in entries if entry[1] is not None))
 
     def _purge_here(self):
         self.store.purge()

@@ -406,6 +406,8 @@ def test_peer_link_cut_repeatedly_under_load(stacks):
     assert load.errors() == 0, load.events[:5]
     assert two.summary() == one.summary()
     assert_books_exact(stack, figures)
+    # A cut link (the socket gone, or connecting to a forwarder) is not a dead peer: nothing inherited.
+    assert "inherited" not in one.log() + two.log()
 
 
 def test_peer_stopped_and_continued_repeatedly(stacks):
@@ -431,3 +433,4 @@ def test_peer_stopped_and_continued_repeatedly(stacks):
     assert load.errors() == 0, load.events[:5]
     assert two.summary() == one.summary()
     assert_books_exact(stack, figures)
+    assert "inherited" not in one.log()     # a frozen peer still listens: not dead

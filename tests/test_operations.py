@@ -22,6 +22,8 @@ def test_sigterm_hands_pending_payments_to_the_peer(make_stack):
     assert time.monotonic() - started < 8, "SIGTERM must end within the grace period plus hand-over"
     assert "handed %d pending payments over" % pending_before in one.log()
     assert json.loads(two.get("/health")[2])["pending"] == 80
+    time.sleep(0.5)                          # api1's socket now refuses: its replica holds nothing more
+    assert "inherited" not in two.log()      # handed over, not inherited a second time
     stack.default.configure(failure=False)
     stack.fallback.configure(failure=False)
     wait_until(lambda: json.loads(two.get("/health")[2])["pending"] == 0, timeout=30, what="drain")

@@ -189,6 +189,12 @@ def test_apis_stop_gracefully(compose):
         assert m and int(m.group(1)) > 10, f"{name}: drain takes up to 10 s"
 
 
+def test_apis_come_back_after_a_crash(compose):
+    # The peer inherits a dead instance's pending payments; the instance itself must return too.
+    for name in APIS:
+        assert compose["services"][name].get("restart") in ("unless-stopped", "always", "on-failure"), name
+
+
 def test_apis_share_one_built_image(compose):
     api1, api2 = (compose["services"][n] for n in APIS)
     assert api1["image"] == api2["image"]

@@ -690,4 +690,6 @@ def render_prometheus(snaps, settings):
          lambda s: [([], s["peer"]["records_received"])])
     each("rinha_peer_connects_total", "counter", "Times the peer link came up",
          lambda s: [([], s["peer"]["connects"])])
+    each("rinha_peer_replica_payments", "gauge", "The peer's pending payments held here (inherited if it dies)",
+         lambda s: [([], s["peer"].get("replica", 0))])
     return out.text()

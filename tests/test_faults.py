@@ -181,6 +181,8 @@ def test_kill9_payments_still_queued_are_paid_by_the_peer(stacks):
     one, two = stack.instances
     ids = post_payments(one, 30)
     time.sleep(0.5)
+    snapshots = json.loads(two.get("/metrics.json")[2])["instances"]
+    assert next(s for s in snapshots if s["instance"] == 2)["peer"]["replica"] == 30   # api1's, held by api2
     one.kill()
     wait_until(lambda: instance_health(two)["pending"] == 30, timeout=5, what="api2 to inherit the 30")
     stack.default.configure(failure=False)

@@ -420,8 +420,11 @@ class Instance:
             if handed:
                 log.info("handed %d pending payments over to the peer", len(leftover))
             else:
-                log.error("peer unreachable: %d pending payments abandoned: %s", len(leftover),
-                          " ".join(payment.correlation_id for payment in leftover))
+                # Every id is reported (they were accepted and will not be paid), in lines short
+                # enough for log collectors that split long lines.
+                log.error("peer unreachable: %d pending payments abandoned", len(leftover))
+                for start in range(0, len(leftover), 200):
+                    log.error("abandoned: %s", " ".join(p.correlation_id for p in leftover[start:start + 200]))
         await self.peer.drain()             # the last paid records reach the peer
         await self.peer.close()
         await self.client.close()

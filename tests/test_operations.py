@@ -31,6 +31,25 @@ def test_sigterm_hands_pending_payments_to_the_peer(make_stack):
     assert two.summary()["default"]["totalRequests"] == 80
 
 
+def test_sigterm_without_a_peer_names_every_payment_it_abandons(make_stack):
+    stack = make_stack(with_haproxy=False, SHUTDOWN_GRACE_S=0.3)
+    one, two = stack.instances
+    two.kill()                                 # nobody to hand over to
+    stack.default.configure(failure=True)
+    stack.fallback.configure(failure=True)
+    ids = []
+    for _ in range(450):
+        p = payment(1.00)
+        assert one.post("/payments", p)[0] == 202
+        ids.append(p["correlationId"])
+    one.kill(signal.SIGTERM)
+    log = one.log()
+    assert "peer unreachable: 450 pending payments abandoned" in log
+    lines = [line for line in log.splitlines() if '"abandoned: ' in line]
+    assert len(lines) == 3 and max(len(line) for line in lines) < 8000    # 200 ids a line
+    assert all(cid in log for cid in ids)
+
+
 def test_sigterm_finishes_in_flight_work_when_processors_are_up(stack):
     stack.default.configure(delay=300)
     payments = [payment(1.00) for _ in range(40)]

@@ -371,7 +371,7 @@ class Observer:
             "instance": self.settings.instance_id,
             "at": format_ms(now_ms()),
             "uptime_s": round(time.time() - self.started_at, 1),
-            "connections": inst.connections,
+            "connections": len(inst.connections),
             "requests": requests,
             "accept": {"count": cumulative, "sum_s": self._lat_sum_ns / 1e9, "buckets": buckets,
                        "accepted": self._accept_status[202], "window": self.accept_window()},

@@ -5,6 +5,8 @@ written in request order (pipelining) from one place, _write_ready. Limits:
 head > max_head_bytes -> 431, body > max_body_bytes -> 413, malformed -> 400,
 a request not complete within request_timeout_s -> 408; each closes the
 connection. Idle keep-alive connections close after keepalive_timeout_s.
+Both timeouts are a deadline per connection that one sweep checks every
+SWEEP_S, not a timer handle created and cancelled for every request.
 Pipelined requests are parsed in slices, and parsing stops while the client
 is not reading its answers, so a flood cannot pile answers up in memory.
 
@@ -43,6 +45,7 @@ _INTERNAL_ERROR = json_error(500, "internal error")
 # Back-pressure on pipelining: parse at most this many bytes before checking whether the
 # client reads its answers, and hold parsing while this many answers are still being computed.
 _FEED_SLICE = 4 * 1024
+SWEEP_S = 0.1             # how often connection deadlines are checked (their precision)
 _MAX_PENDING_ANSWERS = 32
 _response_cache = {}
 
@@ -64,8 +67,8 @@ def render(response, keep_alive, http10=False):
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("_instance", "_settings", "_router", "_loop", "_transport", "_parser", "_url",
-                 "_body", "_body_size", "_head_size", "_head_exact", "_in_request", "_request_timer",
-                 "_idle_timer", "_responses", "_closing", "_paused", "_unparsed", "_admin_token", "_t0",
+                 "_body", "_body_size", "_head_size", "_head_exact", "_in_request", "_deadline",
+                 "_deadline_is_request", "_responses", "_closing", "_paused", "_unparsed", "_admin_token", "_t0",
                  "_observe")
 
     def __init__(self, instance):
@@ -81,8 +84,8 @@ class HttpProtocol(asyncio.Protocol):
         self._head_size = 0      # raw bytes seen while a head is incomplete (header floods)
         self._head_exact = 0     # url + header bytes of the current request
         self._in_request = False
-        self._request_timer = None
-        self._idle_timer = None
+        self._deadline = 0.0             # loop time when the current timeout expires; 0: none
+        self._deadline_is_request = False  # which: 408 for a request, or close an idle connection
         # Answers in request order: bytes, or an asyncio.Task still computing one.
         self._responses = deque()
         self._closing = False
@@ -95,11 +98,11 @@ class HttpProtocol(asyncio.Protocol):
     # ----- connection ----------------------------------------------------------------
     def connection_made(self, transport):
         self._transport = transport
-        self._instance.connections += 1
-        self._start_idle_timer()
+        self._instance.connections.add(self)
+        self._set_idle_deadline()
 
     def connection_lost(self, exc):
-        self._instance.connections -= 1
+        self._instance.connections.discard(self)
         self._closing = True
         self._cancel_timers()
         for item in self._responses:
@@ -186,9 +189,8 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._body = []
         self._body_size = 0
-        self._cancel_idle_timer()
-        if self._request_timer is None:
-            self._request_timer = self._loop.call_later(self._settings.request_timeout_s, self._on_request_timeout)
+        self._deadline = self._loop.time() + self._settings.request_timeout_s
+        self._deadline_is_request = True
 
     def on_url(self, url):
         self._url += url
@@ -219,9 +221,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_complete(self):
         self._in_request = False
         self._head_size = 0
-        if self._request_timer is not None:
-            self._request_timer.cancel()
-            self._request_timer = None
+        self._deadline = 0.0
         keep_alive = self._parser.should_keep_alive() and not self._parser.should_upgrade()
         http10 = self._parser.get_http_version() == "1.0"
         url = self._url
@@ -270,7 +270,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._closing:
             self._close_now()
         elif not self._in_request:
-            self._start_idle_timer()
+            self._set_idle_deadline()
 
     def _on_async_done(self, task):
         if not task.cancelled() and self._transport is not None and not self._transport.is_closing():
@@ -288,15 +288,18 @@ class HttpProtocol(asyncio.Protocol):
         self._responses.append(render(json_error(status, message), keep_alive=False))
         self._write_ready()
 
-    # ----- timers --------------------------------------------------------------------
-    def _on_request_timeout(self):
-        self._request_timer = None
-        if not self._closing:
-            self._fail(408, "request not completed in time")
+    # ----- timeouts (checked by Instance._sweep) -------------------------------------
+    def expire_if_due(self, now):
+        if self._deadline and now >= self._deadline:
+            self._deadline = 0.0
+            if not self._deadline_is_request:
+                self._close_now()                     # idle keep-alive connection
+            elif not self._closing:
+                self._fail(408, "request not completed in time")
 
-    def _start_idle_timer(self):
-        self._cancel_idle_timer()
-        self._idle_timer = self._loop.call_later(self._settings.keepalive_timeout_s, self._close_now)
+    def _set_idle_deadline(self):
+        self._deadline = self._loop.time() + self._settings.keepalive_timeout_s
+        self._deadline_is_request = False
 
     def _close_now(self):
         """Close gracefully if our answers are out, else drop the connection (the client is not reading)."""
@@ -305,16 +308,8 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._transport.close()
 
-    def _cancel_idle_timer(self):
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-
     def _cancel_timers(self):
-        self._cancel_idle_timer()
-        if self._request_timer is not None:
-            self._request_timer.cancel()
-            self._request_timer = None
+        self._deadline = 0.0
 
 
 class _Reject(Exception):
@@ -332,7 +327,7 @@ class Instance:
     def __init__(self, settings, loop):
         self.settings = settings
         self.loop = loop
-        self.connections = 0
+        self.connections = set()             # open HttpProtocols (their deadlines are swept)
         self.stopping = False
         epoch = "%d-%d" % (settings.instance_id, time.time_ns())
         self.store = PaymentStore(settings.store_capacity, epoch)
@@ -356,6 +351,16 @@ class Instance:
         self.router = Router(self)
         self._servers = []
         self._tasks = []
+
+    def _sweep(self):
+        """Expire the connections whose request or keep-alive timeout has passed."""
+        self.loop.call_later(SWEEP_S, self._sweep)     # first: nothing below may stop the sweeps
+        now = self.loop.time()
+        for protocol in list(self.connections):
+            try:
+                protocol.expire_if_due(now)
+            except Exception:
+                log.exception("unexpected error while expiring a connection")
 
     def _on_paid(self, record, payment):
         self.observer.on_paid(record)
@@ -391,6 +396,7 @@ class Instance:
         if s.health_enabled:
             self._tasks.append(self.loop.create_task(self.health.run()))
         self._tasks.append(self.loop.create_task(self.observer.run()))
+        self.loop.call_later(SWEEP_S, self._sweep)
         factory = lambda: HttpProtocol(self)
         if s.socket_path:
             if os.path.exists(s.socket_path):

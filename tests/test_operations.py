@@ -121,3 +121,14 @@ def test_replayed_dead_letter_is_paid_once_the_cause_is_gone(make_stack):
     assert replayed == 1
     wait_until(lambda: stack.summary()["default"]["totalRequests"] == 1, what="replayed payment paid")
     assert len(stack.default.payments()) == 1
+
+
+def test_haproxy_answers_json_with_the_api_headers_when_no_instance_is_up(make_stack):
+    stack = make_stack()
+    for instance in stack.instances:
+        instance.kill()
+    status, headers, body = request(stack.port, "POST", "/payments", payment())
+    assert status == 503
+    assert headers["content-type"] == "application/json"
+    assert headers["x-content-type-options"] == "nosniff" and headers["cache-control"] == "no-store"
+    assert json.loads(body) == {"error": "service unavailable"}

@@ -43,8 +43,11 @@ class Settings:
     purge_enabled: bool = False         # POST /purge-payments: off unless configured (compose turns it on)
 
     # Paying.
-    max_in_flight_default: int = 32     # concurrent requests to each processor, per instance
-    max_in_flight_fallback: int = 8
+    # Concurrent requests to each processor, per instance. A slow processor needs many in flight
+    # (Little's law: 550 payments/s at 1 s each is 550 at once); both instances together stay
+    # under the processor's 800 served at once. Measured in docs/PERFORMANCE.md ("Other schedules").
+    max_in_flight_default: int = 256
+    max_in_flight_fallback: int = 64
     dispatch_rate: float = 1500.0       # new attempts per second at most (spreads a backlog's drain)
     dispatch_burst: int = 16
     request_timeout_processor_s: float = 15.0  # > the slowest processor delay (5 s) by a margin

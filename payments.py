@@ -187,10 +187,15 @@ class PaymentBook:
             self.on_ready()
         return replayed
 
+    def _not_in_flight(self):
+        """PENDING payments in the queues and the backoff heap."""
+        found = list(self.ready) + list(self.pinned[0]) + list(self.pinned[1])
+        found += [entry[2] for entry in self._waiting if entry[2].state == PENDING]
+        return found
+
     def take_all_pending(self):
         """Remove every pending payment that is not in flight (for a hand-over at shutdown)."""
-        taken = list(self.ready) + list(self.pinned[0]) + list(self.pinned[1])
-        taken += [entry[2] for entry in self._waiting if entry[2].state == PENDING]
+        taken = self._not_in_flight()
         self.ready.clear()
         self.pinned[0].clear()
         self.pinned[1].clear()
@@ -225,9 +230,7 @@ class PaymentBook:
 
     def pending_payments(self):
         """Every PENDING payment, wherever it is (queues, backoff heap, in flight)."""
-        found = list(self.ready) + list(self.pinned[0]) + list(self.pinned[1]) + list(self.in_flight)
-        found += [entry[2] for entry in self._waiting if entry[2].state == PENDING]
-        return found
+        return self._not_in_flight() + list(self.in_flight)
 
     def forget_finished(self):
         """After a purge: forget paid and dead payments, keep everything still pending."""

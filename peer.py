@@ -80,7 +80,7 @@ class PeerLink:
         self._finished = []              # correlationIds no longer pending here, same flush
         self._watched = []               # replica entries of payments accepted or changed, same flush
         self._replicas = {}              # peer epoch -> {correlationId: replica entry}
-        self._replica_links = {}         # peer epoch -> its connections to us still open
+        self._links = set()              # the peer's connections to us still open (_IncomingLink)
         self._dead_epochs = set()        # peer epochs known to be gone, to inherit once closed
         self._outbox = []                # records paid while a resync is in progress
         self._flush_scheduled = False
@@ -115,7 +115,7 @@ class PeerLink:
             self._writer.close()
 
     # ----- what the rest of the instance calls --------------------------------------
-    def publish(self, record, payment=None):
+    def publish(self, record, payment):
         """A record this instance just paid: send it to the peer soon (same loop step)."""
         if self._writer is None:
             return                       # the resync after reconnecting will carry it
@@ -123,22 +123,18 @@ class PeerLink:
             self._outbox.append(record)  # the replica snapshot at the end of the resync knows it paid
             return
         self._batch.append(record)
-        if payment is not None:
-            self._finished.append(payment.correlation_id)
+        self._finished.append(payment.correlation_id)
         self._schedule_flush()
 
-    def watch(self, payment, now=False):
-        """A pending payment was accepted or changed here: the peer's replica hears of it this
-        loop step, or at once with `now` (an acceptance, before its 202 is written)."""
+    def watch(self, payment):
+        """A pending payment was adopted or changed here: the peer's replica hears of it this loop step."""
         if self.link_up:
             self._watched.append(replica_entry(payment))
-            if now:
-                self._flush()
-            else:
-                self._schedule_flush()
+            self._schedule_flush()
 
-    def watch_now(self, payments):
-        """Attempts about to start: written at once, before any of their requests leaves."""
+    def watch_now(self, *payments):
+        """Payments just accepted (before the 202 is written) or attempts about to start (before
+        their requests leave): written to the peer at once."""
         if self.link_up:
             self._watched.extend(replica_entry(payment) for payment in payments)
             self._flush()
@@ -302,6 +298,7 @@ class PeerLink:
                  "purgedAt": self.purged_at}
         writer.write(orjson.dumps(hello) + b"\n")
         link = _IncomingLink(writer)
+        self._links.add(link)
         try:
             while True:
                 line = await reader.readline()
@@ -314,10 +311,9 @@ class PeerLink:
             pass                         # shutting down: close quietly
         finally:
             self._incoming.discard(task)
+            self._links.discard(link)
             writer.close()
-            if link.epoch is not None:
-                self._replica_links[link.epoch] -= 1
-                self._inherit_dead()
+            self._inherit_dead()
 
     def _handle(self, message, link):
         kind = message[0]
@@ -334,12 +330,7 @@ class PeerLink:
                 for correlation_id in message[2]:
                     replica.pop(correlation_id, None)
         elif kind == "E":
-            epoch = message[1]
-            if link.epoch != epoch:
-                if link.epoch is not None:
-                    self._replica_links[link.epoch] -= 1
-                link.epoch = epoch
-                self._replica_links[epoch] = self._replica_links.get(epoch, 0) + 1
+            link.epoch = epoch = message[1]
             self._replicas[epoch] = {entry[0][0]: entry for entry in message[2]}
             self._peer_epoch_is(epoch)
         elif kind == "S":
@@ -364,9 +355,9 @@ class PeerLink:
 
     def _inherit_dead(self):
         # Only once a dead epoch's connections have closed: every message it sent has been applied.
-        for epoch in [e for e in self._dead_epochs if not self._replica_links.get(e)]:
+        open_epochs = {link.epoch for link in self._links}
+        for epoch in [e for e in self._dead_epochs if e not in open_epochs]:
             self._dead_epochs.discard(epoch)
-            self._replica_links.pop(epoch, None)
             entries = self._replicas.pop(epoch, None)
             if entries and self._on_inherit is not None:
                 self._on_inherit(epoch, list(entries.values()))

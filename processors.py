@@ -289,7 +289,7 @@ class Dispatcher:
             started.append(self._start(book.ready.popleft(), processor))
         if started and self._replica is not None:
             # Written now, before the attempts' tasks first run and send their requests.
-            self._replica.watch_now(started)
+            self._replica.watch_now(*started)
 
     def _next_wake(self, now, next_due):
         """When the loop must look again without being woken (None: only when woken).

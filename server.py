@@ -20,7 +20,6 @@ import signal
 import sys
 import time
 from collections import deque
-from functools import partial
 from http import HTTPStatus
 from time import perf_counter_ns
 
@@ -122,7 +121,7 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data):
         if self._closing:
             return
-        if self._unparsed or self._paused or len(self._responses) > _MAX_PENDING_ANSWERS:
+        if self._unparsed or self._holding():
             self._unparsed += data                    # held back, in order, until answers drain
             self._transport.pause_reading()
             return
@@ -135,16 +134,20 @@ class HttpProtocol(asyncio.Protocol):
         """Parse a large read slice by slice; hold the rest while the client is not keeping up."""
         start = 0
         while start < len(data) and not self._closing:
-            if self._paused or len(self._responses) > _MAX_PENDING_ANSWERS:
+            if self._holding():
                 self._unparsed = data[start:]
                 self._transport.pause_reading()
                 return
             self._feed(data[start:start + _FEED_SLICE])
             start += _FEED_SLICE
 
+    def _holding(self):
+        """The client is not reading its answers, or too many are still being computed."""
+        return self._paused or len(self._responses) > _MAX_PENDING_ANSWERS
+
     def _continue_reading(self):
         """Called when answers drained: parse what was held back, then read again."""
-        if self._closing or self._paused or len(self._responses) > _MAX_PENDING_ANSWERS:
+        if self._closing or self._holding():
             return
         data, self._unparsed = self._unparsed, b""
         if data:
@@ -344,7 +347,7 @@ class Instance:
                              pending=self.book.pending_payments,
                              on_inherit=self._inherit)
         self.book.on_new = self.peer.watch
-        self.book.on_accepted = partial(self.peer.watch, now=True)
+        self.book.on_accepted = self.peer.watch_now
         self.health = HealthMonitor(settings, self.client, self.breakers, self.peer)
         self.dispatcher = Dispatcher(settings, self.book, self.store, self.client, self.breakers,
                                      on_paid=self._on_paid, audit=self.audit, replica=self.peer)
@@ -373,13 +376,15 @@ class Instance:
         return describe_local(self.book, key)
 
     def _adopt(self, payments_wire):
-        adopted = sum(self.book.adopt(wire, time.monotonic()) for wire in payments_wire)
+        """The peer hands its pending payments over (it is shutting down)."""
+        now = time.monotonic()
+        adopted = sum(self.book.adopt(wire, now) for wire in payments_wire)
         log.info("adopted %d payments handed over by the peer", adopted)
 
     def _inherit(self, epoch, entries):
         """The peer died (epoch gone): carry on with the pending payments it left behind."""
-        wires = [left_behind(entry) for entry in entries]
-        adopted = sum(self.book.adopt(wire, time.monotonic()) for wire in wires)
+        now = time.monotonic()
+        adopted = sum(self.book.adopt(left_behind(entry), now) for entry in entries)
         log.warning("peer %s is gone: inherited %d of its pending payments (%d were at a processor)",
                     epoch, adopted, sum(1 for entry in entries if entry[1] is not None))
 

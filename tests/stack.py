@@ -556,8 +556,8 @@ class Load:
                 self.unknown.append(correlation_id)
             else:
                 self.refused[status] += 1
-            source = "instance" if data[:1] == b"{" else "haproxy"
-            self.events.append((time.monotonic(), "payment: %d from %s" % (status, source)))
+            # Instances and HAProxy both answer errors in JSON now: the body says which error.
+            self.events.append((time.monotonic(), "payment: %d %s" % (status, data[:80].decode(errors="replace"))))
         if conn is not None:
             conn.close()
 

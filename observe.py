@@ -291,7 +291,7 @@ class Observer:
         """Seconds since the oldest still-pending payment was accepted (0 when none).
 
         Looks where pending payments can be: the queues (their first entries:
-        they are FIFO except for retries and requeues), the retry backoff heap,
+        they are FIFO except for retries), the retry backoff heap,
         and the attempts in flight. The cost is bounded by those sizes, never
         by the number of payments ever accepted.
         """
@@ -386,10 +386,6 @@ class Observer:
             "series": {"fields": SERIES_FIELDS, "rows": list(self.series),
                        "from_start": len(self.series) < SERIES_POINTS},
         }
-
-    def answer_peer(self, key):
-        """The peer asked for our figures (see PEER_METRICS_KEY)."""
-        return self.snapshot() if key == PEER_METRICS_KEY else None
 
     async def both(self):
         """[instance 1's snapshot or None, instance 2's snapshot or None]."""

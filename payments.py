@@ -128,11 +128,6 @@ class PaymentBook:
         return self._index.get(correlation_id)
 
     # ----- queue ---------------------------------------------------------------------
-    def requeue(self, payment):
-        """Put a payment back at the front: it was taken but could not be sent."""
-        queue = self.ready if payment.pinned is None else self.pinned[payment.pinned]
-        queue.appendleft(payment)
-
     def retry_later(self, payment, due):
         heapq.heappush(self._waiting, (due, next(self._tiebreak), payment))
 

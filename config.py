@@ -50,6 +50,7 @@ class Settings:
     max_in_flight_fallback: int = 64
     dispatch_rate: float = 1500.0       # new attempts per second at most (spreads a backlog's drain)
     dispatch_burst: int = 16
+    dispatch_delay_s: float = 0.002     # an accepted payment is sent this long after its 202 (see processors.py)
     request_timeout_processor_s: float = 15.0  # > the slowest processor delay (5 s) by a margin
     connect_timeout_s: float = 2.0
     retry_base_s: float = 0.05

@@ -221,7 +221,27 @@ class Dispatcher:
         self.dead = [0, 0]           # payments dead-lettered after this processor's answer (observe.py)
         self.outcomes = {}
         self._loop = None
-        book.on_ready = self.wake
+        self._delayed_wake = None
+        book.on_ready = self.wake_soon
+
+    def wake_soon(self):
+        """Work became ready (a payment accepted, say): look after dispatch_delay_s.
+
+        The answer that accepted it is written by then, and the instance sleeps, so
+        HAProxy can forward it at once instead of waiting for this CPU to finish paying;
+        the payments accepted within the delay share one dispatch pass.
+        """
+        if self._delayed_wake is not None:
+            return
+        delay = self._settings.dispatch_delay_s
+        if delay <= 0 or self._loop is None:
+            self.wake()
+        else:
+            self._delayed_wake = self._loop.call_later(delay, self._wake_after_delay)
+
+    def _wake_after_delay(self):
+        self._delayed_wake = None
+        self.wake()
 
     def wake(self):
         waiter = self._waiter

@@ -1,7 +1,9 @@
 """The API's answers, against real instances (validation, idempotency, routes)."""
+import datetime as dt
 import json
 import tempfile
 import shutil
+import time
 import uuid
 
 import pytest
@@ -138,3 +140,21 @@ def test_queue_full_is_503_and_not_accepted(make_stack):
 def test_purge_disabled_by_default_is_403(make_stack):
     stack = make_stack(with_haproxy=False, PURGE_ENABLED="false")
     assert stack.instances[0].post("/purge-payments")[0] == 403
+
+
+def test_accepted_payments_are_sent_after_the_dispatch_delay_together(make_stack):
+    # The 202 leaves first; the payments accepted within the delay are sent in one pass.
+    stack = make_stack(with_haproxy=False, DISPATCH_DELAY_S="0.5")
+    inst = stack.instances[0]
+    ps = [payment() for _ in range(5)]
+    t_first = time.time()
+    assert [post(inst, p)[0] for p in ps] == [202] * 5
+    for p in ps:
+        info = json.loads(inst.get("/payments/" + p["correlationId"])[2])
+        assert info["status"] == "pending" and info["attempts"] == 0, info
+    assert not stack.default.payments()
+    wait_until(lambda: len(stack.default.payments()) == 5, what="all five paid")
+    sent = sorted(dt.datetime.fromisoformat(x["requestedAt"].replace("Z", "+00:00")).timestamp()
+                  for x in stack.default.payments())
+    assert sent[0] >= t_first + 0.45, sent[0] - t_first
+    assert sent[-1] - sent[0] < 0.1, sent

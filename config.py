@@ -59,10 +59,12 @@ class Settings:
     breaker_probe_s: float = 0.5        # first probe after opening; doubles up to breaker_probe_max_s
     breaker_probe_max_s: float = 2.0
     # Fee-aware routing: "never" (default only), "patient" (fallback only after the
-    # default has been unavailable for fallback_after_s or the queue is nearly full),
-    # "eager" (fallback whenever the default's breaker is open).
+    # default has failed for fallback_after_s, or has no free slot while the head of the
+    # queue has waited fallback_wait_s, or the queue is nearly full), "eager" (fallback
+    # whenever the default's breaker is open).
     fallback_policy: str = "patient"
     fallback_after_s: float = 30.0
+    fallback_wait_s: float = 2.0
     fallback_queue_ratio: float = 0.8
 
     # Health monitor: never more than one call per processor per health_interval_s

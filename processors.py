@@ -284,16 +284,26 @@ class Dispatcher:
 
     def _fallback_permitted(self, now):
         policy = self._settings.fallback_policy
-        default = self.breakers[DEFAULT]
-        if policy == "never" or default.state == Breaker.CLOSED:
+        if policy == "never":
             return False
+        default = self.breakers[DEFAULT]
         if policy == "eager":
+            return default.state != Breaker.CLOSED
+        # patient: a fallback payment costs 10 points of fee; waiting costs nothing as long
+        # as the queue drains, so pay it only when the default has failed for fallback_after_s,
+        # when it is up but every slot is taken and the payment at the head of the queue has
+        # waited fallback_wait_s (the queue is not draining fast enough: what is still queued
+        # when the test ends is not paid at all), or when the queue is nearly full.
+        settings = self._settings
+        if default.state != Breaker.CLOSED and default.opened_at is not None \
+                and now - default.opened_at >= settings.fallback_after_s:
             return True
-        # patient: a fallback payment costs 10 points of fee; waiting costs nothing
-        # as long as the queue drains, so pay it only for a long outage or a full queue.
-        outage = now - default.opened_at if default.opened_at is not None else 0.0
-        nearly_full = self._book.pending >= self._settings.fallback_queue_ratio * self._book.queue_capacity
-        return outage >= self._settings.fallback_after_s or nearly_full
+        if self._default_full() and now - self._book.ready[0].accepted_at >= settings.fallback_wait_s:
+            return True
+        return self._book.pending >= settings.fallback_queue_ratio * self._book.queue_capacity
+
+    def _default_full(self):
+        return self.in_flight[DEFAULT] >= self._max_in_flight[DEFAULT]
 
     def _dispatch(self, now):
         book = self._book
@@ -326,9 +336,11 @@ class Dispatcher:
                 if breaker.state == Breaker.OPEN and breaker.retry_at > now:
                     candidates.append(breaker.retry_at)
             opened_at = self.breakers[DEFAULT].opened_at
-            if self._settings.fallback_policy == "patient" and opened_at is not None \
-                    and opened_at + self._settings.fallback_after_s > now:
-                candidates.append(opened_at + self._settings.fallback_after_s)
+            if self._settings.fallback_policy == "patient":
+                if opened_at is not None and opened_at + self._settings.fallback_after_s > now:
+                    candidates.append(opened_at + self._settings.fallback_after_s)
+                if self._book.ready and self._default_full():
+                    candidates.append(self._book.ready[0].accepted_at + self._settings.fallback_wait_s)
         return max(min(candidates), now + MIN_PAUSE_S) if candidates else None
 
     def _start(self, payment, processor):

@@ -108,6 +108,31 @@ def test_patient_policy_falls_back_after_a_long_outage(make_stack):
     assert_books_agree(stack)
 
 
+def test_patient_policy_falls_back_when_a_slow_default_lets_the_queue_wait(make_stack):
+    # Healthy but slow: its two slots per instance never free up while payments wait.
+    stack = make_stack(FALLBACK_WAIT_S=1.5, MAX_IN_FLIGHT_DEFAULT=2)
+    stack.default.configure(delay=1000)
+    payments = [payment(4.00) for _ in range(40)]
+    assert set(send_many(stack.port, payments)) == {202}
+    stack.wait_drained(timeout=30)
+    summary = stack.summary()
+    assert summary["fallback"]["totalRequests"] > 0
+    assert summary["default"]["totalRequests"] >= 4      # the default kept its share meanwhile
+    assert_paid_exactly_once(stack, [p["correlationId"] for p in payments])
+    assert_books_agree(stack)
+
+
+def test_patient_policy_keeps_a_slow_default_that_keeps_up(make_stack):
+    stack = make_stack(FALLBACK_WAIT_S=0.5, MAX_IN_FLIGHT_DEFAULT=32)
+    stack.default.configure(delay=300)
+    payments = [payment(4.00) for _ in range(40)]
+    assert set(send_many(stack.port, payments)) == {202}
+    stack.wait_drained(timeout=30)
+    assert stack.summary()["fallback"]["totalRequests"] == 0
+    assert_paid_exactly_once(stack, [p["correlationId"] for p in payments])
+    assert_books_agree(stack)
+
+
 def test_both_failing_then_recovering_pays_everything_once(stack):
     stack.default.configure(failure=True, delay=200)
     stack.fallback.configure(failure=True, delay=300)

@@ -46,6 +46,7 @@ _INTERNAL_ERROR = json_error(500, "internal error")
 _FEED_SLICE = 4 * 1024
 SWEEP_S = 0.1             # how often connection deadlines are checked (their precision)
 _MAX_PENDING_ANSWERS = 32
+ADOPT_CHUNK = 1000        # a dead peer's payments adopted per loop step (~2 ms; a long outage leaves 10^4+)
 _response_cache = {}
 
 
@@ -354,6 +355,7 @@ class Instance:
         self.router = Router(self)
         self._servers = []
         self._tasks = []
+        self._adopting = {}      # dead peer epoch -> (next step's handle, entries, next index, adopted so far)
 
     def _sweep(self):
         """Expire the connections whose request or keep-alive timeout has passed."""
@@ -383,10 +385,26 @@ class Instance:
 
     def _inherit(self, epoch, entries):
         """The peer died (epoch gone): carry on with the pending payments it left behind."""
+        self._adopt_step(epoch, entries, 0, 0, ADOPT_CHUNK)
+
+    def _adopt_step(self, epoch, entries, start, adopted, chunk):
+        # A chunk per loop step, so that payment requests are answered in between.
         now = time.monotonic()
-        adopted = sum(self.book.adopt(left_behind(entry), now) for entry in entries)
+        end = start + chunk
+        adopted += sum(self.book.adopt(left_behind(entry), now) for entry in entries[start:end])
+        if end < len(entries):
+            handle = self.loop.call_soon(self._adopt_step, epoch, entries, end, adopted, chunk)
+            self._adopting[epoch] = (handle, entries, end, adopted)
+            return
+        self._adopting.pop(epoch, None)
         log.warning("peer %s is gone: inherited %d of its pending payments (%d were at a processor)",
                     epoch, adopted, sum(1 for entry in entries if entry[1] is not None))
+
+    def _finish_adopting(self):
+        """Stopping: adopt the rest of an inheritance now, so it is handed over with the rest."""
+        for epoch, (handle, entries, start, adopted) in list(self._adopting.items()):
+            handle.cancel()
+            self._adopt_step(epoch, entries, start, adopted, len(entries))
 
     def _purge_here(self):
         self.store.purge()
@@ -423,6 +441,7 @@ class Instance:
         for task in self._tasks:
             task.cancel()
         await self.dispatcher.stop()         # in-flight attempts end as ambiguous, so they stay pinned
+        self._finish_adopting()
         leftover = self.book.take_all_pending()
         if leftover:
             handed = await self.peer.hand_over([payment.to_wire() for payment in leftover])

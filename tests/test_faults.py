@@ -174,24 +174,26 @@ def test_kill9_then_restart_behind_a_live_socket_inherits_through_the_new_epoch(
 
 def test_kill9_payments_still_queued_are_paid_by_the_peer(stacks):
     """Accepted (202) but never sent: both processors fail, so api1 only queues and retries.
-    api1 dies; api2 inherits them and pays each exactly once when the processors recover."""
+    api1 dies; api2 inherits them (in 1,000-payment steps) and pays each exactly once when the
+    processors recover."""
     stack = stacks(with_haproxy=False)
     stack.default.configure(failure=True)
     stack.fallback.configure(failure=True)
     one, two = stack.instances
-    ids = post_payments(one, 30)
+    ids = post_payments(one, 2500)
     time.sleep(0.5)
     snapshots = json.loads(two.get("/metrics.json")[2])["instances"]
-    assert next(s for s in snapshots if s["instance"] == 2)["peer"]["replica"] == 30   # api1's, held by api2
+    assert next(s for s in snapshots if s["instance"] == 2)["peer"]["replica"] == 2500   # api1's, held by api2
     one.kill()
-    wait_until(lambda: instance_health(two)["pending"] == 30, timeout=5, what="api2 to inherit the 30")
+    wait_until(lambda: instance_health(two)["pending"] == 2500, timeout=5, what="api2 to inherit the 2,500")
+    assert "inherited 2500 of its pending payments" in two.log()
     stack.default.configure(failure=False)
     stack.fallback.configure(failure=False)
     drain(stack)
     figures, _ = audit(stack, accepted=ids)
     record_metrics("kill9-queued-not-sent", **figures)
     assert_books_exact(stack, figures)
-    assert figures["stored"] == 30
+    assert figures["stored"] == 2500
 
 
 def post_payments(instance, count, amount=4.00):

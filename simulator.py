@@ -31,8 +31,7 @@ httptools (on uvloop) instead of aiohttp.web: a payment that need not wait is
 answered inside the parser callback, with no task and a pre-rendered answer.
 (Under aiohttp.web a payment cost ~170 µs of CPU at the benchmark's trickle of
 ~300/s, mostly framework; now ~60.) The endpoints (class Endpoints) do not
-depend on the server: make_app() serves the very same code from aiohttp.web,
-for embedding.
+depend on the server; start_server() serves them for embedding (the tests).
 
 Nothing is logged per request.
 """
@@ -64,10 +63,8 @@ from decimal import Decimal
 
 import httptools
 import orjson
-from aiohttp import web
 
 __all__ = [
-    "STATE_KEY",
     "SimState",
     "ConcurrencyLimiter",
     "FixedWindowLimiter",
@@ -77,7 +74,6 @@ __all__ = [
     "SimServer",
     "parse_timestamp_us",
     "format_timestamp_us",
-    "make_app",
     "start_server",
     "main",
 ]
@@ -1252,89 +1248,6 @@ async def start_server(state: SimState, host: str = "127.0.0.1", port: int = 0,
     srv._server = await loop.create_server(lambda: _HttpProtocol(srv), host, port, backlog=backlog)
     srv._sweeper = loop.create_task(srv._sweep_idle())
     return srv
-
-
-# -- the same endpoints behind aiohttp.web -------------------------------------------
-
-STATE_KEY = web.AppKey("state", SimState)
-
-
-class _AiohttpConn:
-    __slots__ = ("_request",)
-
-    def __init__(self, request: web.Request) -> None:
-        self._request = request
-
-    def client_gone(self) -> bool:
-        tr = self._request.transport
-        return tr is None or tr.is_closing()
-
-    def abort(self) -> None:
-        _abort_transport(self._request.transport)
-
-    async def wait_gone(self) -> None:
-        while not self.client_gone():
-            await asyncio.sleep(0.05)
-
-
-def _aiohttp_handler(handler):
-    async def handle(request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            body = None
-        req = Request(
-            request.match_info.get("id"), request.rel_url.raw_query_string,
-            request.headers.get("Content-Type"), request.headers.get("X-Rinha-Token"),
-            body, _AiohttpConn(request),
-        )
-        reply = handler(req)
-        if type(reply) is _Coroutine:
-            reply = await reply
-        if reply is None:
-            return web.Response(status=500)  # the connection was aborted: never reaches the client
-        headers = dict(reply.headers)
-        if reply.content_type:
-            headers["Content-Type"] = reply.content_type
-            return web.Response(status=reply.status, body=reply.body, headers=headers)
-        return web.Response(status=reply.status, headers=headers)
-
-    return handle
-
-
-def make_app(
-    fee=0.05,
-    token: str = "123",
-    name: str = "default",
-    max_active: int = 800,
-    max_queued: int = 500,
-    health_window: float = 5.0,
-    health_queue: int = 2,
-    health_failing_status: int = 503,
-    state: SimState | None = None,
-) -> web.Application:
-    """The endpoints as an aiohttp application (the CLI uses start_server). Its SimState is ``app[STATE_KEY]``."""
-    st = state or SimState(
-        fee,
-        token=token,
-        name=name,
-        max_active=max_active,
-        max_queued=max_queued,
-        health_window=health_window,
-        health_queue=health_queue,
-        health_failing_status=health_failing_status,
-    )
-    endpoints = Endpoints(st)
-    app = web.Application()
-    app[STATE_KEY] = st
-    for path, methods in endpoints.routes.items():
-        for method, handler in methods.items():
-            if method == "GET":
-                app.router.add_get(path, _aiohttp_handler(handler))  # and HEAD
-            else:
-                app.router.add_route(method, path, _aiohttp_handler(handler))
-    app.router.add_get("/payments/{id}", _aiohttp_handler(endpoints.id_routes["GET"]))
-    return app
 
 
 # -- command line ---------------------------------------------------------------------

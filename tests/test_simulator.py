@@ -1,9 +1,8 @@
 """Tests of the payment processor simulator (simulator.py), over real loopback sockets.
 
 Most tests talk to one simulator started as a subprocess through its CLI; the
-limiter tests build their own instance on a real port, with start_server() (the
-server the CLI runs) and with make_app() (the same endpoints behind aiohttp.web),
-so that they can use small limits and a fresh health window. The last tests
+limiter tests build their own instance on a real port with start_server() (the
+server the CLI runs), so that they can use small limits and a fresh health window. The last tests
 check the HTTP framing of start_server() and that the fast payment parser agrees
 with the general one.
 """
@@ -24,7 +23,6 @@ from decimal import Decimal
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
@@ -405,35 +403,19 @@ def test_faults(sim):
 
 # -- in-process instances with small limits -------------------------------------
 
-FRONTENDS = ["server", "aiohttp"]  # start_server() (what the CLI runs) and make_app()
-
-
 @contextlib.asynccontextmanager
-async def serve(frontend="aiohttp", **kw):
-    if frontend == "server":
-        state = simulator.SimState(kw.pop("fee", 0.05), **kw)
-        srv = await simulator.start_server(state, "127.0.0.1", 0)
-        try:
-            yield f"http://127.0.0.1:{srv.port}", state
-        finally:
-            await srv.shutdown(timeout=0.5)
-        return
-    app = simulator.make_app(**kw)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+async def serve(**kw):
+    state = simulator.SimState(kw.pop("fee", 0.05), **kw)
+    srv = await simulator.start_server(state, "127.0.0.1", 0)
     try:
-        yield f"http://127.0.0.1:{port}", app[simulator.STATE_KEY]
+        yield f"http://127.0.0.1:{srv.port}", state
     finally:
-        await runner.cleanup()
+        await srv.shutdown(timeout=0.5)
 
 
-@pytest.mark.parametrize("frontend", FRONTENDS)
-def test_health_rate_limit_shared_window_queue_of_two(frontend):
+def test_health_rate_limit_shared_window_queue_of_two():
     async def go():
-        async with serve(frontend, fee=0.15, name="fallback", health_window=0.5) as (url, state), \
+        async with serve(fee=0.15, name="fallback", health_window=0.5) as (url, state), \
                 aiohttp.ClientSession() as s:
             state.delay_ms = 42
 
@@ -465,10 +447,9 @@ def test_health_rate_limit_shared_window_queue_of_two(frontend):
     run(go())
 
 
-@pytest.mark.parametrize("frontend", FRONTENDS)
-def test_payments_concurrency_limit_429(frontend):
+def test_payments_concurrency_limit_429():
     async def go():
-        async with serve(frontend, fee=0.05, max_active=2, max_queued=1) as (url, state), \
+        async with serve(fee=0.05, max_active=2, max_queued=1) as (url, state), \
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
             state.delay_ms = 300
 
@@ -491,10 +472,9 @@ def test_payments_concurrency_limit_429(frontend):
     run(go())
 
 
-@pytest.mark.parametrize("frontend", FRONTENDS)
-def test_client_leaving_while_queued_is_not_served(frontend):
+def test_client_leaving_while_queued_is_not_served():
     async def go():
-        async with serve(frontend, max_active=1, max_queued=1) as (url, state), \
+        async with serve(max_active=1, max_queued=1) as (url, state), \
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
             state.delay_ms = 300
             first = asyncio.ensure_future(call(s, "POST", url + "/payments", json=payment()))
@@ -548,7 +528,7 @@ def post(body: bytes, extra: str = "", version: str = "1.1") -> bytes:
 
 def test_server_http_framing():
     async def go():
-        async with serve("server") as (url, state):
+        async with serve() as (url, state):
             port = int(url.rsplit(":", 1)[1])
             body = orjson.dumps(payment())
 
@@ -605,7 +585,7 @@ def test_server_closes_idle_keepalive_connections(monkeypatch):
     monkeypatch.setattr(simulator, "KEEPALIVE_TIMEOUT", 0.5)
 
     async def go():
-        async with serve("server") as (url, _):
+        async with serve() as (url, _):
             port = int(url.rsplit(":", 1)[1])
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -340,7 +340,9 @@ class Dispatcher:
                 if opened_at is not None and opened_at + self._settings.fallback_after_s > now:
                     candidates.append(opened_at + self._settings.fallback_after_s)
                 if self._book.ready and self._default_full():
-                    candidates.append(self._book.ready[0].accepted_at + self._settings.fallback_wait_s)
+                    waited_enough = self._book.ready[0].accepted_at + self._settings.fallback_wait_s
+                    if waited_enough > now:
+                        candidates.append(waited_enough)
         return max(min(candidates), now + MIN_PAUSE_S) if candidates else None
 
     def _start(self, payment, processor):

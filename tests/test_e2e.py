@@ -10,7 +10,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from stack import payment, request, wait_until
+from stack import payment, proc_stats, request, wait_until
 from timestamps import format_ms, now_ms
 
 
@@ -120,6 +120,25 @@ def test_patient_policy_falls_back_when_a_slow_default_lets_the_queue_wait(make_
     assert summary["default"]["totalRequests"] >= 4      # the default kept its share meanwhile
     assert_paid_exactly_once(stack, [p["correlationId"] for p in payments])
     assert_books_agree(stack)
+
+
+def test_slow_default_and_failing_fallback_do_not_make_the_dispatcher_spin(make_stack):
+    # The head of the queue has waited long enough for the fallback, but the fallback's breaker
+    # is open: the dispatcher sleeps until a completion or the breaker's probe, not every 1 ms.
+    stack = make_stack(FALLBACK_WAIT_S=0.2, MAX_IN_FLIGHT_DEFAULT=2, with_haproxy=False)
+    stack.default.configure(delay=5000)
+    stack.fallback.configure(failure=True)
+    for inst in stack.instances:
+        for _ in range(10):
+            assert inst.post("/payments", payment(2.00))[0] == 202
+    time.sleep(1.5)                       # fallback tried and failed: its breaker is open
+    pids = [inst.process.pid for inst in stack.instances]
+    before = [proc_stats(pid)["cpu_s"] for pid in pids]
+    time.sleep(3.0)
+    used = [proc_stats(pid)["cpu_s"] - b for pid, b in zip(pids, before)]
+    assert max(used) < 0.05, used         # spinning every 1 ms took ~0.11 s per 3 s here
+    stack.fallback.configure(failure=False)
+    stack.wait_drained(timeout=30)
 
 
 def test_patient_policy_keeps_a_slow_default_that_keeps_up(make_stack):

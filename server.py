@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections import deque
+from itertools import islice
 from http import HTTPStatus
 from time import perf_counter_ns
 
@@ -46,7 +47,7 @@ _INTERNAL_ERROR = json_error(500, "internal error")
 _FEED_SLICE = 4 * 1024
 SWEEP_S = 0.1             # how often connection deadlines are checked (their precision)
 _MAX_PENDING_ANSWERS = 32
-ADOPT_CHUNK = 1000        # a dead peer's payments adopted per loop step (~2 ms; a long outage leaves 10^4+)
+ADOPT_CHUNK = 1000        # payments adopted per loop step from the peer (~2 ms; a long outage leaves 10^4+)
 _response_cache = {}
 
 
@@ -355,7 +356,7 @@ class Instance:
         self.router = Router(self)
         self._servers = []
         self._tasks = []
-        self._adopting = {}      # dead peer epoch -> (next step's handle, entries, next index, adopted so far)
+        self._adopting = []      # adoptions still in progress (see _adopt_in_steps)
 
     def _sweep(self):
         """Expire the connections whose request or keep-alive timeout has passed."""
@@ -379,32 +380,40 @@ class Instance:
 
     def _adopt(self, payments_wire):
         """The peer hands its pending payments over (it is shutting down)."""
-        now = time.monotonic()
-        adopted = sum(self.book.adopt(wire, now) for wire in payments_wire)
-        log.info("adopted %d payments handed over by the peer", adopted)
+        self._adopt_in_steps(payments_wire, lambda adopted: log.info(
+            "adopted %d payments handed over by the peer", adopted))
 
     def _inherit(self, epoch, entries):
         """The peer died (epoch gone): carry on with the pending payments it left behind."""
-        self._adopt_step(epoch, entries, 0, 0, ADOPT_CHUNK)
+        at_processor = sum(1 for entry in entries if entry[1] is not None)
+        self._adopt_in_steps(map(left_behind, entries), lambda adopted: log.warning(
+            "peer %s is gone: inherited %d of its pending payments (%d were at a processor)",
+            epoch, adopted, at_processor))
 
-    def _adopt_step(self, epoch, entries, start, adopted, chunk):
-        # A chunk per loop step, so that payment requests are answered in between.
+    def _adopt_in_steps(self, wires, report):
+        """Adopt payments (wire form) ADOPT_CHUNK per loop step, so that payment requests are
+        answered in between; report(adopted) once all are in."""
+        job = [iter(wires), 0, None, report]     # what is left, adopted so far, next step, report
+        self._adopting.append(job)
+        self._adopt_step(job, ADOPT_CHUNK)
+
+    def _adopt_step(self, job, chunk):
         now = time.monotonic()
-        end = start + chunk
-        adopted += sum(self.book.adopt(left_behind(entry), now) for entry in entries[start:end])
-        if end < len(entries):
-            handle = self.loop.call_soon(self._adopt_step, epoch, entries, end, adopted, chunk)
-            self._adopting[epoch] = (handle, entries, end, adopted)
+        taken = 0
+        for wire in islice(job[0], chunk):
+            taken += 1
+            job[1] += self.book.adopt(wire, now)
+        if taken == chunk:                       # maybe more
+            job[2] = self.loop.call_soon(self._adopt_step, job, chunk)
             return
-        self._adopting.pop(epoch, None)
-        log.warning("peer %s is gone: inherited %d of its pending payments (%d were at a processor)",
-                    epoch, adopted, sum(1 for entry in entries if entry[1] is not None))
+        self._adopting.remove(job)
+        job[3](job[1])
 
     def _finish_adopting(self):
-        """Stopping: adopt the rest of an inheritance now, so it is handed over with the rest."""
-        for epoch, (handle, entries, start, adopted) in list(self._adopting.items()):
-            handle.cancel()
-            self._adopt_step(epoch, entries, start, adopted, len(entries))
+        """Stopping: adopt the rest now, so it is handed over with everything else."""
+        for job in list(self._adopting):
+            job[2].cancel()
+            self._adopt_step(job, None)          # islice(..., None): all that is left
 
     def _purge_here(self):
         self.store.purge()

@@ -20,8 +20,8 @@ import signal
 import sys
 import time
 from collections import deque
-from itertools import islice
 from http import HTTPStatus
+from itertools import islice
 from time import perf_counter_ns
 
 import httptools

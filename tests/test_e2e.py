@@ -53,6 +53,17 @@ def assert_paid_exactly_once(stack, accepted_ids):
     assert set(everything) == set(accepted_ids), "accepted and paid differ"
 
 
+def pay_all(stack, count, amount, timeout):
+    """Send `count` payments, wait until none is pending, check each was paid exactly once and
+    the books agree; the backend's summary."""
+    payments = [payment(amount) for _ in range(count)]
+    assert set(send_many(stack.port, payments)) == {202}
+    stack.wait_drained(timeout=timeout)
+    assert_paid_exactly_once(stack, [p["correlationId"] for p in payments])
+    assert_books_agree(stack)
+    return stack.summary()
+
+
 def test_burst_books_agree_over_several_windows(stack):
     start = now_ms()
     payments = [payment(19.90) for _ in range(400)]
@@ -89,37 +100,22 @@ def test_default_failing_waits_for_default_then_drains(stack):
 def test_eager_policy_uses_the_fallback_while_default_fails(make_stack):
     stack = make_stack(FALLBACK_POLICY="eager")
     stack.default.configure(failure=True)
-    payments = [payment(3.00) for _ in range(40)]
-    assert set(send_many(stack.port, payments)) == {202}
-    stack.wait_drained(timeout=20)
-    assert stack.summary()["fallback"]["totalRequests"] > 0
-    assert_paid_exactly_once(stack, [p["correlationId"] for p in payments])
-    assert_books_agree(stack)
+    assert pay_all(stack, 40, 3.00, timeout=20)["fallback"]["totalRequests"] > 0
 
 
 def test_patient_policy_falls_back_after_a_long_outage(make_stack):
     stack = make_stack(FALLBACK_AFTER_S=1.5)
     stack.default.configure(failure=True)
-    payments = [payment(3.00) for _ in range(30)]
-    assert set(send_many(stack.port, payments)) == {202}
-    stack.wait_drained(timeout=20)
-    assert stack.summary()["fallback"]["totalRequests"] == 30
-    assert_paid_exactly_once(stack, [p["correlationId"] for p in payments])
-    assert_books_agree(stack)
+    assert pay_all(stack, 30, 3.00, timeout=20)["fallback"]["totalRequests"] == 30
 
 
 def test_patient_policy_falls_back_when_a_slow_default_lets_the_queue_wait(make_stack):
     # Healthy but slow: its two slots per instance never free up while payments wait.
     stack = make_stack(FALLBACK_WAIT_S=1.5, MAX_IN_FLIGHT_DEFAULT=2)
     stack.default.configure(delay=1000)
-    payments = [payment(4.00) for _ in range(40)]
-    assert set(send_many(stack.port, payments)) == {202}
-    stack.wait_drained(timeout=30)
-    summary = stack.summary()
+    summary = pay_all(stack, 40, 4.00, timeout=30)
     assert summary["fallback"]["totalRequests"] > 0
     assert summary["default"]["totalRequests"] >= 4      # the default kept its share meanwhile
-    assert_paid_exactly_once(stack, [p["correlationId"] for p in payments])
-    assert_books_agree(stack)
 
 
 def test_slow_default_and_failing_fallback_do_not_make_the_dispatcher_spin(make_stack):
@@ -144,12 +140,7 @@ def test_slow_default_and_failing_fallback_do_not_make_the_dispatcher_spin(make_
 def test_patient_policy_keeps_a_slow_default_that_keeps_up(make_stack):
     stack = make_stack(FALLBACK_WAIT_S=0.5, MAX_IN_FLIGHT_DEFAULT=32)
     stack.default.configure(delay=300)
-    payments = [payment(4.00) for _ in range(40)]
-    assert set(send_many(stack.port, payments)) == {202}
-    stack.wait_drained(timeout=30)
-    assert stack.summary()["fallback"]["totalRequests"] == 0
-    assert_paid_exactly_once(stack, [p["correlationId"] for p in payments])
-    assert_books_agree(stack)
+    assert pay_all(stack, 40, 4.00, timeout=30)["fallback"]["totalRequests"] == 0
 
 
 def test_both_failing_then_recovering_pays_everything_once(stack):

@@ -5,13 +5,16 @@
            plus the two processor simulators: the best any backend could do
            on this machine with this load generator.
   project  the real stack (`make up`: simulators, two API instances, HAProxy).
+  hop      (with --hop) the project's haproxy.cfg in front of two
+           bench/minimal_instance.py that answer at once: what the extra hop
+           through a Python process costs, before any of the project's work.
 
 For each run it records the k6 result, CPU seconds of HAProxy and of each
 instance over the k6 run, each instance's peak RSS, the simulators' health 429
 counters and, with --cpu-limits, the CFS throttling of each limited component.
 Everything goes to results/<UTC date-time>-bench.json (and is printed).
 
-    python bench/run.py [--only project|floor] [--max-requests N]
+    python bench/run.py [--only project|floor|hop] [--hop] [--max-requests N]
                         [--schedule FILE] [--cpu-limits] [--profile] [--repeat N]
 
 Needs: k6 and (for --profile) py-spy next to this Python or on PATH; haproxy;
@@ -554,6 +557,27 @@ def find_simulator(explicit: str | None) -> Path:
     raise BenchError("simulator.py not found in the repository (needed by the floor run)")
 
 
+def start_simulators(sim: Path, stamp: str, run: str, procs: list) -> None:
+    """The two processor simulators for a run that is not `make up` (floor, hop), once they answer."""
+    for n in ("default", "fallback"):
+        procs.append(Proc(f"sim-{n}", [sys.executable, str(sim), "--port", str(PORTS[n]), "--fee", FEES[n],
+                                       "--token", TOKEN, "--name", n],
+                          RESULTS / f"{stamp}-{run}-sim-{n}.log"))
+    for p, n in zip(procs[-2:], ("default", "fallback")):
+        wait_until(lambda n=n: http("GET", f"http://{HOST}:{PORTS[n]}/admin/payments-summary",
+                                    token=True)[0] == 200, START_TIMEOUT, f"simulator {n}", p)
+
+
+def stop_all(procs: list, limiter, rec: dict) -> None:
+    with no_interrupt():
+        for p in reversed(procs):
+            p.stop()
+        if limiter:
+            problems = limiter.cleanup()
+            if problems:
+                rec.setdefault("warnings", []).extend(problems)
+
+
 def floor_run(k6: str, stamp: str, args, limits: dict, rec: dict) -> None:
     haproxy = find_haproxy()
     if not haproxy:
@@ -563,17 +587,11 @@ def floor_run(k6: str, stamp: str, args, limits: dict, rec: dict) -> None:
     procs: list[Proc] = []
     limiter = CpuLimiter() if args.cpu_limits else None
     try:
-        for n in ("default", "fallback"):
-            procs.append(Proc(f"sim-{n}", [sys.executable, str(sim), "--port", str(PORTS[n]), "--fee", FEES[n],
-                                           "--token", TOKEN, "--name", n],
-                              RESULTS / f"{stamp}-floor-sim-{n}.log"))
+        start_simulators(sim, stamp, "floor", procs)
         env = dict(os.environ, FLOOR_BIND=f"{HOST}:{PORTS['backend']}")
         hap = Proc("haproxy", [haproxy, "-f", str(BENCH / "floor.cfg"), "-db"],
                    RESULTS / f"{stamp}-floor-haproxy.log", env=env)
         procs.append(hap)
-        for p, n in zip(procs[:2], ("default", "fallback")):
-            wait_until(lambda n=n: http("GET", f"http://{HOST}:{PORTS[n]}/admin/payments-summary",
-                                        token=True)[0] == 200, START_TIMEOUT, f"simulator {n}", p)
         wait_until(lambda: http("GET", f"http://{HOST}:{PORTS['backend']}/payments-summary")[0] == 200,
                    START_TIMEOUT, "HAProxy (floor.cfg)", hap)
         comps = {"haproxy": hap.pid, "sim_default": procs[0].pid, "sim_fallback": procs[1].pid}
@@ -582,13 +600,41 @@ def floor_run(k6: str, stamp: str, args, limits: dict, rec: dict) -> None:
             rec["cpu_quota"] = {"haproxy": limiter.limit("haproxy", limits["haproxy"], hap.pid)}
         run_measured("floor", k6, stamp, args, comps, limiter, rec)
     finally:
-        with no_interrupt():
-            for p in reversed(procs):
-                p.stop()
-            if limiter:
-                problems = limiter.cleanup()
-                if problems:
-                    rec.setdefault("warnings", []).extend(problems)
+        stop_all(procs, limiter, rec)
+
+
+def hop_run(k6: str, stamp: str, args, limits: dict, rec: dict) -> None:
+    """The project's haproxy.cfg in front of two bench/minimal_instance.py: the hop, without our work."""
+    haproxy = find_haproxy()
+    if not haproxy:
+        raise BenchError("haproxy not found (PATH, /usr/sbin)")
+    sim = find_simulator(args.simulator)
+    check_ports_free()
+    socket_dir = RUN_DIR / "hop"
+    socket_dir.mkdir(parents=True, exist_ok=True)
+    procs: list[Proc] = []
+    limiter = CpuLimiter() if args.cpu_limits else None
+    try:
+        start_simulators(sim, stamp, "hop", procs)
+        for i in (1, 2):
+            sock = socket_dir / f"api{i}.sock"
+            procs.append(Proc(f"api{i}", [sys.executable, str(BENCH / "minimal_instance.py"), str(sock)],
+                              RESULTS / f"{stamp}-hop-api{i}.log"))
+            wait_until(sock.exists, START_TIMEOUT, f"minimal instance {i}", procs[-1])
+        env = dict(os.environ, BIND=f"{HOST}:{PORTS['backend']}", SOCKET_DIR=str(socket_dir))
+        hap = Proc("haproxy", [haproxy, "-f", str(ROOT / "haproxy.cfg"), "-db"],
+                   RESULTS / f"{stamp}-hop-haproxy.log", env=env)
+        procs.append(hap)
+        wait_until(lambda: http("GET", f"http://{HOST}:{PORTS['backend']}/payments-summary")[0] == 200,
+                   START_TIMEOUT, "HAProxy (haproxy.cfg) before the minimal instances", hap)
+        comps = {"haproxy": hap.pid, "api1": procs[2].pid, "api2": procs[3].pid,
+                 "sim_default": procs[0].pid, "sim_fallback": procs[1].pid}
+        rec["pids"] = comps
+        if limiter:
+            rec["cpu_quota"] = {n: limiter.limit(n, limits[n], comps[n]) for n in ("haproxy", "api1", "api2")}
+        run_measured("hop", k6, stamp, args, comps, limiter, rec)
+    finally:
+        stop_all(procs, limiter, rec)
 
 
 def read_pid(name: str, newer_than: float) -> int | None:
@@ -730,6 +776,11 @@ def comparison(runs: dict) -> dict:
     out["p99_ratio_project_over_floor"] = round(pv / fv, 2) if fv and pv is not None else None
     fv, pv = out["payments_post_p99_ms"]["floor"], out["payments_post_p99_ms"]["project"]
     out["payments_post_p99_ratio_project_over_floor"] = round(pv / fv, 2) if fv and pv is not None else None
+    hv = _get(runs, "hop", "k6", "result", "p99_ms")
+    if hv is not None:
+        out["p99_ms"]["hop"] = hv
+        fv = out["p99_ms"]["floor"]
+        out["p99_ratio_hop_over_floor"] = round(hv / fv, 2) if fv else None
     return out
 
 
@@ -743,7 +794,7 @@ def fmt(v, nd=2):
 
 def print_table(report: dict) -> None:
     runs = report["runs"]
-    names = [n for n in ("floor", "project") if n in runs]
+    names = [n for n in ("floor", "hop", "project") if n in runs]
 
     def row(label, fn):
         vals = []
@@ -783,6 +834,9 @@ def print_table(report: dict) -> None:
     c = report["comparison"]
     print(f"\n  p99 ratio project/floor: {fmt(c['p99_ratio_project_over_floor'])}"
           f"   (POST /payments only: {fmt(c['payments_post_p99_ratio_project_over_floor'])})")
+    if "p99_ratio_hop_over_floor" in c:
+        print(f"  p99 ratio hop/floor:     {fmt(c['p99_ratio_hop_over_floor'])}"
+              f"   (the hop through a minimal Python instance, none of the project's work)")
     for n in names:
         if runs[n].get("error"):
             print(f"\n  {n} run error: {runs[n]['error']}")
@@ -797,7 +851,9 @@ def print_table(report: dict) -> None:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("project", "floor"), help="run only one of the two")
+    ap.add_argument("--only", choices=("project", "floor", "hop"), help="run only this target")
+    ap.add_argument("--hop", action="store_true",
+                    help="also run the hop target (haproxy.cfg + two minimal instances) between floor and project")
     ap.add_argument("--max-requests", type=int, default=550, help="k6 MAX_REQUESTS (VUs at the end, default 550)")
     ap.add_argument("--schedule", help="JSON file with the processors' schedule (see bench/rinha.js)")
     ap.add_argument("--cpu-limits", action="store_true",
@@ -845,26 +901,29 @@ def main(argv=None) -> int:
 
 def print_rounds(rounds) -> None:
     """--repeat: each round's p99s and ratio, and their medians (saved next to the rounds)."""
+    # (key, column title, width, decimals); the hop columns only when --hop ran
+    columns = [("floor_p99_ms", "floor p99 ms", 14, 3), ("hop_p99_ms", "hop p99 ms", 12, 3),
+               ("project_p99_ms", "project p99 ms", 16, 3), ("hop_ratio", "hop ratio", 11, 2),
+               ("ratio", "ratio", 8, 2)]
     rows = []
-    print(f"\n  {'round':<8}{'floor p99 ms':>14}{'project p99 ms':>16}{'ratio':>8}   result")
-    for n, (report, saved) in enumerate(rounds, 1):
+    for report, saved in rounds:
         c = report["comparison"]
-        row = {"floor_p99_ms": c["p99_ms"]["floor"], "project_p99_ms": c["p99_ms"]["project"],
-               "ratio": c["p99_ratio_project_over_floor"], "result": str(saved.relative_to(ROOT))}
-        rows.append(row)
-        print(f"  {n:<8}{fmt(row['floor_p99_ms'], 3):>14}{fmt(row['project_p99_ms'], 3):>16}"
-              f"{fmt(row['ratio']):>8}   {row['result']}")
-    medians = {k: statistics.median(r[k] for r in rows if r[k] is not None)
-               for k in ("floor_p99_ms", "project_p99_ms", "ratio") if any(r[k] is not None for r in rows)}
-    print(f"  {'median':<8}{fmt(medians.get('floor_p99_ms'), 3):>14}{fmt(medians.get('project_p99_ms'), 3):>16}"
-          f"{fmt(medians.get('ratio')):>8}")
+        rows.append({"floor_p99_ms": c["p99_ms"]["floor"], "hop_p99_ms": c["p99_ms"].get("hop"),
+                     "project_p99_ms": c["p99_ms"]["project"], "hop_ratio": c.get("p99_ratio_hop_over_floor"),
+                     "ratio": c["p99_ratio_project_over_floor"], "result": str(saved.relative_to(ROOT))})
+    columns = [col for col in columns if any(r[col[0]] is not None for r in rows)]
+    print(f"\n  {'round':<8}" + "".join(f"{title:>{w}}" for _, title, w, _ in columns) + "   result")
+    for n, row in enumerate(rows, 1):
+        print(f"  {n:<8}" + "".join(f"{fmt(row[k], d):>{w}}" for k, _, w, d in columns) + f"   {row['result']}")
+    medians = {k: statistics.median(r[k] for r in rows if r[k] is not None) for k, *_ in columns}
+    print(f"  {'median':<8}" + "".join(f"{fmt(medians[k], d):>{w}}" for k, _, w, d in columns))
     out = rounds[-1][1].with_name(rounds[-1][1].name.replace("-bench.json", "-bench-rounds.json"))
     out.write_text(json.dumps({"kind": "rinha-bench-rounds", "rounds": rows, "medians": medians}, indent=2) + "\n")
     print(f"\n  saved {out.relative_to(ROOT)}")
 
 
 def bench_once(args, k6):
-    """One floor run and one project run (or --only one); (exit status, report, saved path)."""
+    """One run of each target (floor, project; hop with --hop; or --only one): (exit status, report, saved path)."""
     now = dt.datetime.now(dt.timezone.utc)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
     limits, limits_src = compose_cpu_limits(ROOT / "docker-compose.yml")
@@ -884,7 +943,8 @@ def bench_once(args, k6):
     }
     if args.profile and args.only == "floor":
         print("bench: --profile applies to the project run only; ignored", file=sys.stderr)
-    plan = [n for n in ("floor", "project") if args.only in (None, n)]
+    targets = ("floor", "hop", "project") if args.hop else ("floor", "project")
+    plan = [n for n in ("floor", "hop", "project") if args.only == n or (args.only is None and n in targets)]
     old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     interrupted = False
     try:
@@ -895,7 +955,7 @@ def bench_once(args, k6):
                   f"{', cpu limits' if args.cpu_limits else ''}) ...", flush=True)
             t0 = time.monotonic()
             try:
-                (floor_run if name == "floor" else project_run)(k6, stamp, args, limits, rec)
+                {"floor": floor_run, "hop": hop_run, "project": project_run}[name](k6, stamp, args, limits, rec)
                 rec["status"] = "ok"
             except BenchError as e:
                 rec["status"], rec["error"] = "error", str(e)

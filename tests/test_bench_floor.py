@@ -1,17 +1,21 @@
-"""bench/floor.cfg: HAProxy alone answers the backend's endpoints (the benchmark floor)."""
+"""The benchmark's reference targets answer the backend's endpoints:
+bench/floor.cfg (HAProxy alone, the floor) and bench/minimal_instance.py behind
+the project's haproxy.cfg (the hop: no project work behind HAProxy)."""
 
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-CFG = Path(__file__).resolve().parent.parent / "bench" / "floor.cfg"
+ROOT = Path(__file__).resolve().parent.parent
+CFG = ROOT / "bench" / "floor.cfg"
 
 
 def _haproxy():
@@ -36,24 +40,12 @@ def test_floor_cfg_is_valid():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.fixture
-def floor():
-    port = _free_port()
-    env = dict(os.environ, FLOOR_BIND=f"127.0.0.1:{port}")
-    p = subprocess.Popen([HAPROXY, "-f", str(CFG), "-db"], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            assert p.poll() is None, p.stdout.read().decode(errors="replace")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "HAProxy did not listen within 10 s"
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
+def _start(cmd, env=None):
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def _stop(processes):
+    for p in processes:
         p.terminate()
         try:
             p.wait(5)
@@ -61,6 +53,51 @@ def floor():
             p.kill()
             p.wait(5)
         p.stdout.close()
+
+
+def _wait_listening(p, port):
+    deadline = time.monotonic() + 10
+    while True:
+        assert p.poll() is None, p.stdout.read().decode(errors="replace")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "HAProxy did not listen within 10 s"
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def floor():
+    port = _free_port()
+    p = _start([HAPROXY, "-f", str(CFG), "-db"], dict(os.environ, FLOOR_BIND=f"127.0.0.1:{port}"))
+    try:
+        _wait_listening(p, port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop([p])
+
+
+@pytest.fixture
+def hop(tmp_path):
+    """bench/run.py's hop target: the project's haproxy.cfg in front of two minimal instances."""
+    port = _free_port()
+    processes = []
+    try:
+        for i in (1, 2):
+            sock = tmp_path / f"api{i}.sock"
+            processes.append(_start([sys.executable, str(ROOT / "bench" / "minimal_instance.py"), str(sock)]))
+            deadline = time.monotonic() + 10
+            while not sock.exists():
+                assert processes[-1].poll() is None, processes[-1].stdout.read().decode(errors="replace")
+                assert time.monotonic() < deadline, "minimal instance did not listen within 10 s"
+                time.sleep(0.05)
+        env = dict(os.environ, BIND=f"127.0.0.1:{port}", SOCKET_DIR=str(tmp_path))
+        processes.append(_start([HAPROXY, "-f", str(ROOT / "haproxy.cfg"), "-db"], env))
+        _wait_listening(processes[-1], port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(processes)
 
 
 def _call(method, url, body=None):
@@ -71,12 +108,17 @@ def _call(method, url, body=None):
         return r.status, r.read()
 
 
-def test_floor_answers_like_a_backend(floor):
-    status, _ = _call("POST", f"{floor}/payments",
+@pytest.fixture(params=["floor", "hop"])
+def target(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_reference_targets_answer_like_a_backend(target):
+    status, _ = _call("POST", f"{target}/payments",
                       {"correlationId": "4a7901b8-7d26-4d9d-aa19-4dc1c7cf60b3", "amount": 19.90})
     assert status == 202
 
-    status, body = _call("GET", f"{floor}/payments-summary"
+    status, body = _call("GET", f"{target}/payments-summary"
                                 "?from=2025-07-10T12:34:56.000Z&to=2025-07-10T12:35:56.000Z")
     assert status == 200
     summary = json.loads(body)
@@ -86,7 +128,7 @@ def test_floor_answers_like_a_backend(floor):
         assert isinstance(side["totalRequests"], int)
         assert isinstance(side["totalAmount"], (int, float))
 
-    status, _ = _call("GET", f"{floor}/payments-summary")
+    status, _ = _call("GET", f"{target}/payments-summary")
     assert status == 200
-    status, _ = _call("POST", f"{floor}/purge-payments")
+    status, _ = _call("POST", f"{target}/purge-payments")
     assert status == 200

@@ -618,6 +618,7 @@ def hop_run(k6: str, stamp: str, args, limits: dict, rec: dict) -> None:
         start_simulators(sim, stamp, "hop", procs)
         for i in (1, 2):
             sock = socket_dir / f"api{i}.sock"
+            sock.unlink(missing_ok=True)    # a stale socket must not pass for a listening instance
             procs.append(Proc(f"api{i}", [sys.executable, str(BENCH / "minimal_instance.py"), str(sock)],
                               RESULTS / f"{stamp}-hop-api{i}.log"))
             wait_until(sock.exists, START_TIMEOUT, f"minimal instance {i}", procs[-1])

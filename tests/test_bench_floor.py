@@ -132,3 +132,25 @@ def test_reference_targets_answer_like_a_backend(target):
     assert status == 200
     status, _ = _call("POST", f"{target}/purge-payments")
     assert status == 200
+
+
+def test_probe_counts_a_minimal_instance(tmp_path):
+    """bench/probe.py: round trips, and CPU and wake-ups per request of the processes it is given."""
+    sock = tmp_path / "m.sock"
+    server = _start([sys.executable, str(ROOT / "bench" / "minimal_instance.py"), str(sock)])
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert server.poll() is None, server.stdout.read().decode(errors="replace")
+            assert time.monotonic() < deadline, "minimal instance did not listen within 10 s"
+            time.sleep(0.05)
+        out = subprocess.run([sys.executable, str(ROOT / "bench" / "probe.py"), str(sock), "--requests", "40",
+                              "--interval-ms", "1", "--pid", str(server.pid)],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        _stop([server])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "statuses {202: 40}" in out.stdout
+    # The minimal instance sleeps between requests: woken about once per request.
+    wakes = float(out.stdout.split("woken ")[1].split()[0])
+    assert 0.5 <= wakes <= 2.0, out.stdout

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rinha-style benchmark: the k6 scenario (bench/rinha.js) against two targets.
+"""Rinha-style benchmark: the k6 scenario (bench/rinha.js) against reference targets and the project.
 
   floor    HAProxy alone answering the backend's endpoints (bench/floor.cfg),
            plus the two processor simulators: the best any backend could do
@@ -860,9 +860,9 @@ def parse_args(argv):
     ap.add_argument("--cpu-limits", action="store_true",
                     help="run HAProxy/api1/api2 under the CPU quota docker-compose.yml declares (cgroup v1)")
     ap.add_argument("--profile", action="store_true", help="py-spy flame graph of api1 during the project run")
-    ap.add_argument("--simulator", help="path of simulator.py for the floor run (default: the repository's)")
+    ap.add_argument("--simulator", help="path of simulator.py for the floor and hop runs (default: the repository's)")
     ap.add_argument("--repeat", type=int, default=1,
-                    help="rounds of floor + project in turn; prints the median ratio (the floor alone varies)")
+                    help="rounds of the targets in turn; prints the median ratios (the floor alone varies)")
     a = ap.parse_args(argv)
     if a.max_requests < 1:
         ap.error("--max-requests must be >= 1")

@@ -568,17 +568,10 @@ def start_simulators(sim: Path, stamp: str, run: str, procs: list) -> None:
                                     token=True)[0] == 200, START_TIMEOUT, f"simulator {n}", p)
 
 
-def stop_all(procs: list, limiter, rec: dict) -> None:
-    with no_interrupt():
-        for p in reversed(procs):
-            p.stop()
-        if limiter:
-            problems = limiter.cleanup()
-            if problems:
-                rec.setdefault("warnings", []).extend(problems)
-
-
-def floor_run(k6: str, stamp: str, args, limits: dict, rec: dict) -> None:
+def reference_run(name: str, k6: str, stamp: str, args, limits: dict, rec: dict) -> None:
+    """A reference target with the processor simulators up:
+    floor  bench/floor.cfg: HAProxy answers by itself;
+    hop    the project's haproxy.cfg in front of two bench/minimal_instance.py (the hop, without our work)."""
     haproxy = find_haproxy()
     if not haproxy:
         raise BenchError("haproxy not found (PATH, /usr/sbin)")
@@ -587,55 +580,41 @@ def floor_run(k6: str, stamp: str, args, limits: dict, rec: dict) -> None:
     procs: list[Proc] = []
     limiter = CpuLimiter() if args.cpu_limits else None
     try:
-        start_simulators(sim, stamp, "floor", procs)
-        env = dict(os.environ, FLOOR_BIND=f"{HOST}:{PORTS['backend']}")
-        hap = Proc("haproxy", [haproxy, "-f", str(BENCH / "floor.cfg"), "-db"],
-                   RESULTS / f"{stamp}-floor-haproxy.log", env=env)
+        start_simulators(sim, stamp, name, procs)
+        comps = {"sim_default": procs[0].pid, "sim_fallback": procs[1].pid}
+        if name == "hop":
+            socket_dir = RUN_DIR / "hop"
+            socket_dir.mkdir(parents=True, exist_ok=True)
+            for i in (1, 2):
+                sock = socket_dir / f"api{i}.sock"
+                sock.unlink(missing_ok=True)    # a stale socket must not pass for a listening instance
+                procs.append(Proc(f"api{i}", [sys.executable, str(BENCH / "minimal_instance.py"), str(sock)],
+                                  RESULTS / f"{stamp}-hop-api{i}.log"))
+                wait_until(sock.exists, START_TIMEOUT, f"minimal instance {i}", procs[-1])
+                comps[f"api{i}"] = procs[-1].pid
+            cfg = ROOT / "haproxy.cfg"
+            env = dict(os.environ, BIND=f"{HOST}:{PORTS['backend']}", SOCKET_DIR=str(socket_dir))
+        else:
+            cfg = BENCH / "floor.cfg"
+            env = dict(os.environ, FLOOR_BIND=f"{HOST}:{PORTS['backend']}")
+        hap = Proc("haproxy", [haproxy, "-f", str(cfg), "-db"], RESULTS / f"{stamp}-{name}-haproxy.log", env=env)
         procs.append(hap)
         wait_until(lambda: http("GET", f"http://{HOST}:{PORTS['backend']}/payments-summary")[0] == 200,
-                   START_TIMEOUT, "HAProxy (floor.cfg)", hap)
-        comps = {"haproxy": hap.pid, "sim_default": procs[0].pid, "sim_fallback": procs[1].pid}
+                   START_TIMEOUT, f"HAProxy ({cfg.name})", hap)
+        comps["haproxy"] = hap.pid
         rec["pids"] = comps
-        if limiter:
-            rec["cpu_quota"] = {"haproxy": limiter.limit("haproxy", limits["haproxy"], hap.pid)}
-        run_measured("floor", k6, stamp, args, comps, limiter, rec)
+        if limiter:     # the floor has only HAProxy to limit
+            rec["cpu_quota"] = {n: limiter.limit(n, limits[n], comps[n]) for n in ("haproxy", "api1", "api2")
+                                if n in comps}
+        run_measured(name, k6, stamp, args, comps, limiter, rec)
     finally:
-        stop_all(procs, limiter, rec)
-
-
-def hop_run(k6: str, stamp: str, args, limits: dict, rec: dict) -> None:
-    """The project's haproxy.cfg in front of two bench/minimal_instance.py: the hop, without our work."""
-    haproxy = find_haproxy()
-    if not haproxy:
-        raise BenchError("haproxy not found (PATH, /usr/sbin)")
-    sim = find_simulator(args.simulator)
-    check_ports_free()
-    socket_dir = RUN_DIR / "hop"
-    socket_dir.mkdir(parents=True, exist_ok=True)
-    procs: list[Proc] = []
-    limiter = CpuLimiter() if args.cpu_limits else None
-    try:
-        start_simulators(sim, stamp, "hop", procs)
-        for i in (1, 2):
-            sock = socket_dir / f"api{i}.sock"
-            sock.unlink(missing_ok=True)    # a stale socket must not pass for a listening instance
-            procs.append(Proc(f"api{i}", [sys.executable, str(BENCH / "minimal_instance.py"), str(sock)],
-                              RESULTS / f"{stamp}-hop-api{i}.log"))
-            wait_until(sock.exists, START_TIMEOUT, f"minimal instance {i}", procs[-1])
-        env = dict(os.environ, BIND=f"{HOST}:{PORTS['backend']}", SOCKET_DIR=str(socket_dir))
-        hap = Proc("haproxy", [haproxy, "-f", str(ROOT / "haproxy.cfg"), "-db"],
-                   RESULTS / f"{stamp}-hop-haproxy.log", env=env)
-        procs.append(hap)
-        wait_until(lambda: http("GET", f"http://{HOST}:{PORTS['backend']}/payments-summary")[0] == 200,
-                   START_TIMEOUT, "HAProxy (haproxy.cfg) before the minimal instances", hap)
-        comps = {"haproxy": hap.pid, "api1": procs[2].pid, "api2": procs[3].pid,
-                 "sim_default": procs[0].pid, "sim_fallback": procs[1].pid}
-        rec["pids"] = comps
-        if limiter:
-            rec["cpu_quota"] = {n: limiter.limit(n, limits[n], comps[n]) for n in ("haproxy", "api1", "api2")}
-        run_measured("hop", k6, stamp, args, comps, limiter, rec)
-    finally:
-        stop_all(procs, limiter, rec)
+        with no_interrupt():
+            for p in reversed(procs):
+                p.stop()
+            if limiter:
+                problems = limiter.cleanup()
+                if problems:
+                    rec.setdefault("warnings", []).extend(problems)
 
 
 def read_pid(name: str, newer_than: float) -> int | None:
@@ -956,7 +935,10 @@ def bench_once(args, k6):
                   f"{', cpu limits' if args.cpu_limits else ''}) ...", flush=True)
             t0 = time.monotonic()
             try:
-                {"floor": floor_run, "hop": hop_run, "project": project_run}[name](k6, stamp, args, limits, rec)
+                if name == "project":
+                    project_run(k6, stamp, args, limits, rec)
+                else:
+                    reference_run(name, k6, stamp, args, limits, rec)
                 rec["status"] = "ok"
             except BenchError as e:
                 rec["status"], rec["error"] = "error", str(e)

@@ -66,6 +66,17 @@ def render(response, keep_alive, http10=False):
     return data
 
 
+class _Adoption:
+    """Payments from the peer being adopted a chunk per loop step (Instance._adopt_in_steps)."""
+    __slots__ = ("left", "adopted", "next_step", "report")
+
+    def __init__(self, wires, report):
+        self.left = iter(wires)      # wire forms not adopted yet
+        self.adopted = 0             # adopted so far (known ones are skipped, not counted)
+        self.next_step = None        # the loop handle of the next chunk
+        self.report = report         # report(adopted), once all are in
+
+
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("_instance", "_settings", "_router", "_loop", "_transport", "_parser", "_url",
                  "_body", "_body_size", "_head_size", "_head_exact", "_in_request", "_deadline",
@@ -393,27 +404,27 @@ class Instance:
     def _adopt_in_steps(self, wires, report):
         """Adopt payments (wire form) ADOPT_CHUNK per loop step, so that payment requests are
         answered in between; report(adopted) once all are in."""
-        job = [iter(wires), 0, None, report]     # what is left, adopted so far, next step, report
-        self._adopting.append(job)
-        self._adopt_step(job, ADOPT_CHUNK)
+        adoption = _Adoption(wires, report)
+        self._adopting.append(adoption)
+        self._adopt_step(adoption, ADOPT_CHUNK)
 
-    def _adopt_step(self, job, chunk):
+    def _adopt_step(self, adoption, chunk):
         now = time.monotonic()
         taken = 0
-        for wire in islice(job[0], chunk):
+        for wire in islice(adoption.left, chunk):
             taken += 1
-            job[1] += self.book.adopt(wire, now)
+            adoption.adopted += self.book.adopt(wire, now)
         if taken == chunk:                       # maybe more
-            job[2] = self.loop.call_soon(self._adopt_step, job, chunk)
+            adoption.next_step = self.loop.call_soon(self._adopt_step, adoption, chunk)
             return
-        self._adopting.remove(job)
-        job[3](job[1])
+        self._adopting.remove(adoption)
+        adoption.report(adoption.adopted)
 
     def _finish_adopting(self):
         """Stopping: adopt the rest now, so it is handed over with everything else."""
-        for job in list(self._adopting):
-            job[2].cancel()
-            self._adopt_step(job, None)          # islice(..., None): all that is left
+        for adoption in list(self._adopting):
+            adoption.next_step.cancel()
+            self._adopt_step(adoption, None)     # islice(..., None): all that is left
 
     def _purge_here(self):
         self.store.purge()

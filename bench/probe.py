@@ -11,7 +11,7 @@ docs/PERFORMANCE.md's "Why accepting costs so much more here".
     python bench/probe.py run/api1.sock --pid $(cat run/api1.pid) --pid $(cat run/api2.pid)
     python bench/probe.py 127.0.0.1:9999 --requests 3000 --path /nothing
 
-TARGET is a Unix socket path or host:port. Only for quiet machines and
+TARGET is a Unix socket path (with a slash: ./api.sock) or host:port. Only for quiet machines and
 loopback targets: a busy machine measures its neighbours.
 """
 import argparse
@@ -25,7 +25,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def connect(target):
-    if ":" in target and not target.startswith("/") and not os.path.exists(target):
+    if "/" not in target:                         # host:port; a socket path has a slash
         host, port = target.rsplit(":", 1)
         sock = socket.create_connection((host, int(port)), timeout=5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

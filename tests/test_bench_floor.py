@@ -67,6 +67,17 @@ def _wait_listening(p, port):
             time.sleep(0.05)
 
 
+def _start_minimal_instance(sock):
+    """bench/minimal_instance.py listening on `sock` (the process, once its socket exists)."""
+    p = _start([sys.executable, str(ROOT / "bench" / "minimal_instance.py"), str(sock)])
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        assert p.poll() is None, p.stdout.read().decode(errors="replace")
+        assert time.monotonic() < deadline, "minimal instance did not listen within 10 s"
+        time.sleep(0.05)
+    return p
+
+
 @pytest.fixture
 def floor():
     port = _free_port()
@@ -86,12 +97,7 @@ def hop(tmp_path):
     try:
         for i in (1, 2):
             sock = tmp_path / f"api{i}.sock"
-            processes.append(_start([sys.executable, str(ROOT / "bench" / "minimal_instance.py"), str(sock)]))
-            deadline = time.monotonic() + 10
-            while not sock.exists():
-                assert processes[-1].poll() is None, processes[-1].stdout.read().decode(errors="replace")
-                assert time.monotonic() < deadline, "minimal instance did not listen within 10 s"
-                time.sleep(0.05)
+            processes.append(_start_minimal_instance(sock))
         env = dict(os.environ, BIND=f"127.0.0.1:{port}", SOCKET_DIR=str(tmp_path))
         processes.append(_start([HAPROXY, "-f", str(ROOT / "haproxy.cfg"), "-db"], env))
         _wait_listening(processes[-1], port)
@@ -137,13 +143,8 @@ def test_reference_targets_answer_like_a_backend(target):
 def test_probe_counts_a_minimal_instance(tmp_path):
     """bench/probe.py: round trips, and CPU and wake-ups per request of the processes it is given."""
     sock = tmp_path / "m.sock"
-    server = _start([sys.executable, str(ROOT / "bench" / "minimal_instance.py"), str(sock)])
+    server = _start_minimal_instance(sock)
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert server.poll() is None, server.stdout.read().decode(errors="replace")
-            assert time.monotonic() < deadline, "minimal instance did not listen within 10 s"
-            time.sleep(0.05)
         out = subprocess.run([sys.executable, str(ROOT / "bench" / "probe.py"), str(sock), "--requests", "40",
                               "--interval-ms", "1", "--pid", str(server.pid)],
                              capture_output=True, text=True, timeout=60)

@@ -36,7 +36,9 @@ class Payment:
         self.pinned = None       # processor index the payment must stay on, or None
         self.paid_by = None
         self.accepted_at = accepted_at
-        self.in_flight_to = None # processor index while an attempt is under way
+        # Processor index while an attempt is under way there, or claimed for it at acceptance
+        # (Dispatcher.claim): what the peer's replica is told the payment may have reached.
+        self.in_flight_to = None
 
     @property
     def amount_text(self):

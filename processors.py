@@ -305,6 +305,23 @@ class Dispatcher:
     def _default_full(self):
         return self.in_flight[DEFAULT] >= self._max_in_flight[DEFAULT]
 
+    def claim(self, payment):
+        """A payment just accepted, before the peer's replica hears of it: if the next pass will
+        send it to the default processor, fix its requestedAt there now and mark the attempt as
+        under way, so the replica message written with the acceptance announces the attempt too
+        and the pass writes none (the peer is woken once per payment less). If the pass sends it
+        elsewhere after all, it announces that attempt as usual; until then a peer that inherits
+        it pins it to the default with that requestedAt, which is safe whether it was sent or not.
+        """
+        if self._loop is None:
+            return
+        book = self._book
+        ahead = len(book.ready) + len(book.pinned[DEFAULT])      # this payment included
+        free = self._max_in_flight[DEFAULT] - self.in_flight[DEFAULT]
+        if ahead <= free and ahead <= self._tokens and self.breakers[DEFAULT].allows(self._loop.time()):
+            payment.requested_at[DEFAULT] = now_ms()
+            payment.in_flight_to = DEFAULT
+
     def _dispatch(self, now):
         book = self._book
         started = []
@@ -317,9 +334,12 @@ class Dispatcher:
             if processor is None:
                 break
             started.append(self._start(book.ready.popleft(), processor))
-        if started and self._replica is not None:
-            # Written now, before the attempts' tasks first run and send their requests.
-            self._replica.watch_now(*started)
+        if self._replica is not None:
+            # Written now, before the attempts' tasks first run and send their requests;
+            # those claimed at acceptance for this processor were announced with it.
+            announce = [payment for payment, announced in started if not announced]
+            if announce:
+                self._replica.watch_now(*announce)
 
     def _next_wake(self, now, next_due):
         """When the loop must look again without being woken (None: only when woken).
@@ -346,6 +366,8 @@ class Dispatcher:
         return max(min(candidates), now + MIN_PAUSE_S) if candidates else None
 
     def _start(self, payment, processor):
+        """Book an attempt and start its task; (payment, whether the peer already knows of it)."""
+        announced = payment.in_flight_to == processor     # claimed at acceptance
         self._tokens -= 1
         self.breakers[processor].on_send()
         self.in_flight[processor] += 1
@@ -363,7 +385,7 @@ class Dispatcher:
         task = self._loop.create_task(self._attempt(payment, processor))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return payment
+        return payment, announced
 
     async def _attempt(self, payment, processor):
         body = b'{"correlationId":"%s","amount":%s,"requestedAt":"%s"}' % (

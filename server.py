@@ -360,7 +360,7 @@ class Instance:
                              pending=self.book.pending_payments,
                              on_inherit=self._inherit)
         self.book.on_new = self.peer.watch
-        self.book.on_accepted = self.peer.watch_now
+        self.book.on_accepted = self._on_accepted
         self.health = HealthMonitor(settings, self.client, self.breakers, self.peer)
         self.dispatcher = Dispatcher(settings, self.book, self.store, self.client, self.breakers,
                                      on_paid=self._on_paid, audit=self.audit, replica=self.peer)
@@ -378,6 +378,12 @@ class Instance:
                 protocol.expire_if_due(now)
             except Exception:
                 log.exception("unexpected error while expiring a connection")
+
+    def _on_accepted(self, payment):
+        """Before the 202 is written: the peer's replica hears of the payment (and of its attempt
+        at the default processor, when the dispatcher claims it for the next pass)."""
+        self.dispatcher.claim(payment)
+        self.peer.watch_now(payment)
 
     def _on_paid(self, record, payment):
         self.observer.on_paid(record)
@@ -398,7 +404,7 @@ class Instance:
         """The peer died (epoch gone): carry on with the pending payments it left behind."""
         at_processor = sum(1 for entry in entries if entry[1] is not None)
         self._adopt_in_steps(map(left_behind, entries), lambda adopted: log.warning(
-            "peer %s is gone: inherited %d of its pending payments (%d were at a processor)",
+            "peer %s is gone: inherited %d of its pending payments (%d may have reached a processor)",
             epoch, adopted, at_processor))
 
     def _adopt_in_steps(self, wires, report):

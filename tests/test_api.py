@@ -1,6 +1,7 @@
 """The API's answers, against real instances (validation, idempotency, routes)."""
 import datetime as dt
 import json
+import os
 import tempfile
 import shutil
 import time
@@ -142,19 +143,26 @@ def test_purge_disabled_by_default_is_403(make_stack):
     assert stack.instances[0].post("/purge-payments")[0] == 403
 
 
-def test_accepted_payments_are_sent_after_the_dispatch_delay_together(make_stack):
-    # The 202 leaves first; the payments accepted within the delay are sent in one pass.
-    stack = make_stack(with_haproxy=False, DISPATCH_DELAY_S="0.5")
+def test_accepted_payments_are_sent_after_the_dispatch_delay_together(make_stack, short_dir):
+    # The 202 leaves first; the payments accepted within the delay are sent in one pass, each
+    # with the requestedAt fixed when it was accepted (claimed for the default processor then).
+    audit_path = os.path.join(short_dir, "audit.log")
+    stack = make_stack(with_haproxy=False, DISPATCH_DELAY_S="0.5", AUDIT_LOG=audit_path)
     inst = stack.instances[0]
     ps = [payment() for _ in range(5)]
     t_first = time.time()
     assert [post(inst, p)[0] for p in ps] == [202] * 5
+    t_last = time.time()
     for p in ps:
         info = json.loads(inst.get("/payments/" + p["correlationId"])[2])
         assert info["status"] == "pending" and info["attempts"] == 0, info
     assert not stack.default.payments()
     wait_until(lambda: len(stack.default.payments()) == 5, what="all five paid")
-    sent = sorted(dt.datetime.fromisoformat(x["requestedAt"].replace("Z", "+00:00")).timestamp()
-                  for x in stack.default.payments())
+    attempts = lambda: [e for e in map(json.loads, open(audit_path)) if e["event"] == "attempt"]
+    wait_until(lambda: len(attempts()) == 5, what="the five attempts in the audit log")
+    sent = sorted(a["at"] / 1000 for a in attempts())
     assert sent[0] >= t_first + 0.45, sent[0] - t_first
     assert sent[-1] - sent[0] < 0.1, sent
+    requested = [dt.datetime.fromisoformat(x["requestedAt"].replace("Z", "+00:00")).timestamp()
+                 for x in stack.default.payments()]
+    assert all(t_first - 0.002 <= r <= t_last + 0.002 for r in requested), (t_first, requested, t_last)

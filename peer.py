@@ -26,7 +26,8 @@ in the same message paid or that were dead-lettered (`finished`). One
 message, so a peer dying mid-write leaves either both or neither. An attempt
 is announced before its request leaves; one the next dispatch pass will send
 straight to the default processor is announced with the acceptance itself
-(Dispatcher.claim), so most payments cost the peer two messages, not three. When the peer's epoch is known dead
+(Dispatcher.claim), so most payments cost the peer two messages, not three.
+When the peer's epoch is known dead
 (a new epoch answers, or its socket refuses connections: no process listens)
 and its connection has closed, its replica is inherited: each payment is
 adopted here, one that was in flight pinned to that processor as after an

@@ -1,7 +1,9 @@
 """Paying through the two processors.
 
-- ProcessorClient: one long-lived aiohttp session; every answer is classified
-  as paid, duplicate, definite failure, ambiguous or rejected.
+- ProcessorClient: one long-lived aiohttp session (health reports, and payments
+  with PAYMENT_CLIENT=aiohttp) and the raw keep-alive pools of rawclient.py
+  (payments, by default); every answer is classified as paid, duplicate,
+  definite failure, ambiguous or rejected.
 - Breaker: per processor; opens after consecutive failures, lets one probe
   through at growing intervals, closes on success or a healthy health report.
 - HealthMonitor: reads /payments/service-health without ever exceeding the
@@ -17,6 +19,7 @@ import aiohttp
 import orjson
 
 from payments import PENDING
+from rawclient import ConnectFailed, RawPool
 from store import DEFAULT, FALLBACK, PROCESSOR_NAMES
 from timestamps import format_ms, now_ms
 
@@ -25,15 +28,24 @@ log = logging.getLogger("processors")
 PAID_OK, DUPLICATE, FAILED, AMBIGUOUS, REJECTED = "paid", "duplicate", "failed", "ambiguous", "rejected"
 _JSON_HEADERS = {"Content-Type": "application/json"}
 MIN_PAUSE_S = 0.001
+PAYMENT_CLIENTS = ("raw", "aiohttp")
 
 
 class ProcessorClient:
     def __init__(self, settings):
+        if settings.payment_client not in PAYMENT_CLIENTS:
+            raise ValueError("PAYMENT_CLIENT must be one of %s, not %r" % (", ".join(PAYMENT_CLIENTS),
+                                                                         settings.payment_client))
         self._settings = settings
         bases = (settings.processor_default_url.rstrip("/"), settings.processor_fallback_url.rstrip("/"))
         self.payments_urls = tuple(base + "/payments" for base in bases)
         self.health_urls = tuple(base + "/payments/service-health" for base in bases)
         self._session = None
+        # The payment requests' own keep-alive pools (rawclient.py); None: through aiohttp.
+        self._raw = None
+        if settings.payment_client == "raw":
+            self._raw = tuple(RawPool(url, settings.connect_timeout_s, settings.request_timeout_processor_s)
+                              for url in self.payments_urls)
 
     async def start(self):
         s = self._settings
@@ -52,11 +64,16 @@ class ProcessorClient:
         )
 
     async def close(self):
+        if self._raw is not None:
+            for pool in self._raw:
+                pool.close()
         if self._session is not None:
             await self._session.close()
 
     async def pay(self, processor, body):
         """POST one payment; returns (outcome, detail)."""
+        if self._raw is not None:
+            return await self._pay_raw(processor, body)
         try:
             async with self._session.post(self.payments_urls[processor], data=body,
                                           headers=_JSON_HEADERS) as response:
@@ -73,13 +90,19 @@ class ProcessorClient:
         except Exception as exc:
             # Timeout, reset or garbage after the request left: it may have been stored.
             return AMBIGUOUS, "no definite answer: %s" % type(exc).__name__
-        if status == 200:
-            return PAID_OK, None
-        if status == 422:
-            return DUPLICATE, "HTTP 422"
-        if status >= 500 or status == 429:
-            return FAILED, "HTTP %d" % status
-        return REJECTED, "HTTP %d" % status
+        return classify(status)
+
+    async def _pay_raw(self, processor, body):
+        try:
+            status = await self._raw[processor].post(body)
+        except ConnectFailed as exc:
+            return FAILED, "connect failed: %s" % exc      # nothing was sent: a definite failure
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Timeout, reset or garbage after the request left: it may have been stored.
+            return AMBIGUOUS, "no definite answer: %s" % type(exc).__name__
+        return classify(status)
 
     async def health(self, processor):
         """The processor's health report as a dict, or None when it could not be read."""
@@ -93,6 +116,17 @@ class ProcessorClient:
             raise
         except Exception:
             return None
+
+
+def classify(status):
+    """A processor's answer to a payment -> (outcome, detail)."""
+    if status == 200:
+        return PAID_OK, None
+    if status == 422:
+        return DUPLICATE, "HTTP 422"
+    if status >= 500 or status == 429:
+        return FAILED, "HTTP %d" % status
+    return REJECTED, "HTTP %d" % status
 
 
 class Breaker:

@@ -37,7 +37,7 @@ class RawPool:
             (parts.path or "/").encode(), parts.netloc.encode())
         self._connect_timeout_s = connect_timeout_s
         self._request_timeout_s = request_timeout_s
-        self.idle = deque()           # connections ready for a request, most recent last
+        self.idle = deque()           # open connections ready for a request, most recent last
 
     async def post(self, body):
         """The status code of the processor's answer (see the module's docstring for errors)."""
@@ -56,12 +56,8 @@ class RawPool:
         return status
 
     def _idle_connection(self):
-        # Most recent first: the oldest are the likeliest to have been closed by the server.
-        while self.idle:
-            connection = self.idle.pop()
-            if connection.usable:
-                return connection
-        return None
+        # Most recent first: the oldest are the likeliest to be closed by the server soon.
+        return self.idle.pop() if self.idle else None
 
     async def _connect(self, loop):
         try:
@@ -92,7 +88,7 @@ class _RawConnection(asyncio.Protocol):
         self._waiter = None           # the request's future: the status code, or an exception
         self._answer_complete = True  # the last answer was read to its end
         self._released = False        # the caller is done: back to idle once the answer is complete
-        self.usable = False           # parked in the idle deque, open
+        self.usable = False           # open and parked in the idle deque (leaves it when closed)
 
     def connection_made(self, transport):
         self._transport = transport
@@ -105,7 +101,10 @@ class _RawConnection(asyncio.Protocol):
         self._released = False
         self._answer_complete = False
         self._waiter = waiter = asyncio.get_running_loop().create_future()
-        self._transport.write(request)
+        if self._transport.is_closing():         # lost between connecting and now
+            self._fail(ConnectionResetError("connection closed before the request"))
+        else:
+            self._transport.write(request)
         return waiter
 
     def release(self):

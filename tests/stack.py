@@ -691,7 +691,15 @@ def slow_clients_main(argv=None):
     payload = SLOW_HEAD + b"X-Slow: " + b"a" * 100000
     next_send = time.monotonic()
 
+    def note_status(c, data):
+        if data and c["status"] is None:
+            c["status"] = data.split(b"\r\n", 1)[0].decode("latin-1")
+
     def replace(i, now):
+        try:
+            note_status(conns[i], conns[i]["sock"].recv(65536))   # an answer sent before the close
+        except OSError:
+            pass
         selector.unregister(conns[i]["sock"])
         conns[i] = close_one(conns[i], now)
         if conns[i] is not None:
@@ -721,8 +729,7 @@ def slow_clients_main(argv=None):
                 data = c["sock"].recv(65536)
             except OSError:
                 data = b""
-            if data and c["status"] is None:
-                c["status"] = data.split(b"\r\n", 1)[0].decode("latin-1")
+            note_status(c, data)
             if not data:
                 replace(i, time.monotonic())
     end = time.monotonic()

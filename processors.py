@@ -72,37 +72,35 @@ class ProcessorClient:
 
     async def pay(self, processor, body):
         """POST one payment; returns (outcome, detail)."""
-        if self._raw is not None:
-            return await self._pay_raw(processor, body)
         try:
-            async with self._session.post(self.payments_urls[processor], data=body,
-                                          headers=_JSON_HEADERS) as response:
-                status = response.status
-                try:
-                    await response.read()   # keeps the connection reusable; the body says nothing we need
-                except Exception:
-                    pass                    # the status line already settled the outcome
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            if self._raw is not None:
+                status = await self._raw[processor].post(body)
+            else:
+                status = await self._post_through_aiohttp(processor, body)
+        except (ConnectFailed, aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # No connection was made, so nothing was sent: a definite failure.
-            return FAILED, "connect failed: %s" % type(exc).__name__
+            cause = exc.__cause__ if isinstance(exc, ConnectFailed) else exc
+            return FAILED, "connect failed: %s" % type(cause).__name__
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             # Timeout, reset or garbage after the request left: it may have been stored.
             return AMBIGUOUS, "no definite answer: %s" % type(exc).__name__
-        return classify(status)
+        if status == 200:
+            return PAID_OK, None
+        if status == 422:
+            return DUPLICATE, "HTTP 422"
+        if status >= 500 or status == 429:
+            return FAILED, "HTTP %d" % status
+        return REJECTED, "HTTP %d" % status
 
-    async def _pay_raw(self, processor, body):
-        try:
-            status = await self._raw[processor].post(body)
-        except ConnectFailed as exc:
-            return FAILED, "connect failed: %s" % exc      # nothing was sent: a definite failure
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # Timeout, reset or garbage after the request left: it may have been stored.
-            return AMBIGUOUS, "no definite answer: %s" % type(exc).__name__
-        return classify(status)
+    async def _post_through_aiohttp(self, processor, body):
+        async with self._session.post(self.payments_urls[processor], data=body, headers=_JSON_HEADERS) as response:
+            try:
+                await response.read()       # keeps the connection reusable; the body says nothing we need
+            except Exception:
+                pass                        # the status line already settled the outcome
+            return response.status
 
     async def health(self, processor):
         """The processor's health report as a dict, or None when it could not be read."""
@@ -116,17 +114,6 @@ class ProcessorClient:
             raise
         except Exception:
             return None
-
-
-def classify(status):
-    """A processor's answer to a payment -> (outcome, detail)."""
-    if status == 200:
-        return PAID_OK, None
-    if status == 422:
-        return DUPLICATE, "HTTP 422"
-    if status >= 500 or status == 429:
-        return FAILED, "HTTP %d" % status
-    return REJECTED, "HTTP %d" % status
 
 
 class Breaker:

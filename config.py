@@ -51,9 +51,6 @@ class Settings:
     dispatch_rate: float = 1500.0       # new attempts per second at most (spreads a backlog's drain)
     dispatch_burst: int = 16
     dispatch_delay_s: float = 0.002     # an accepted payment is sent this long after its 202 (see processors.py)
-    # What sends the payment requests: "raw" (rawclient.py, a bare keep-alive client: ~60 µs of
-    # CPU each) or "aiohttp" (the health monitor's ClientSession: ~210 µs each). PERFORMANCE.md.
-    payment_client: str = "raw"
     request_timeout_processor_s: float = 15.0  # > the slowest processor delay (5 s) by a margin
     connect_timeout_s: float = 2.0
     retry_base_s: float = 0.05

@@ -1,9 +1,7 @@
 """Paying through the two processors.
 
-- ProcessorClient: one long-lived aiohttp session (health reports, and payments
-  with PAYMENT_CLIENT=aiohttp) and the raw keep-alive pools of rawclient.py
-  (payments, by default); every answer is classified as paid, duplicate,
-  definite failure, ambiguous or rejected.
+- ProcessorClient: one long-lived aiohttp session; every answer is classified
+  as paid, duplicate, definite failure, ambiguous or rejected.
 - Breaker: per processor; opens after consecutive failures, lets one probe
   through at growing intervals, closes on success or a healthy health report.
 - HealthMonitor: reads /payments/service-health without ever exceeding the
@@ -19,7 +17,6 @@ import aiohttp
 import orjson
 
 from payments import PENDING
-from rawclient import ConnectFailed, RawPool
 from store import DEFAULT, FALLBACK, PROCESSOR_NAMES
 from timestamps import format_ms, now_ms
 
@@ -28,24 +25,15 @@ log = logging.getLogger("processors")
 PAID_OK, DUPLICATE, FAILED, AMBIGUOUS, REJECTED = "paid", "duplicate", "failed", "ambiguous", "rejected"
 _JSON_HEADERS = {"Content-Type": "application/json"}
 MIN_PAUSE_S = 0.001
-PAYMENT_CLIENTS = ("raw", "aiohttp")
 
 
 class ProcessorClient:
     def __init__(self, settings):
-        if settings.payment_client not in PAYMENT_CLIENTS:
-            raise ValueError("PAYMENT_CLIENT must be one of %s, not %r" % (", ".join(PAYMENT_CLIENTS),
-                                                                         settings.payment_client))
         self._settings = settings
         bases = (settings.processor_default_url.rstrip("/"), settings.processor_fallback_url.rstrip("/"))
         self.payments_urls = tuple(base + "/payments" for base in bases)
         self.health_urls = tuple(base + "/payments/service-health" for base in bases)
         self._session = None
-        # The payment requests' own keep-alive pools (rawclient.py); None: through aiohttp.
-        self._raw = None
-        if settings.payment_client == "raw":
-            self._raw = tuple(RawPool(url, settings.connect_timeout_s, settings.request_timeout_processor_s)
-                              for url in self.payments_urls)
 
     async def start(self):
         s = self._settings
@@ -64,23 +52,22 @@ class ProcessorClient:
         )
 
     async def close(self):
-        if self._raw is not None:
-            for pool in self._raw:
-                pool.close()
         if self._session is not None:
             await self._session.close()
 
     async def pay(self, processor, body):
         """POST one payment; returns (outcome, detail)."""
         try:
-            if self._raw is not None:
-                status = await self._raw[processor].post(body)
-            else:
-                status = await self._post_through_aiohttp(processor, body)
-        except (ConnectFailed, aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            async with self._session.post(self.payments_urls[processor], data=body,
+                                          headers=_JSON_HEADERS) as response:
+                status = response.status
+                try:
+                    await response.read()   # keeps the connection reusable; the body says nothing we need
+                except Exception:
+                    pass                    # the status line already settled the outcome
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # No connection was made, so nothing was sent: a definite failure.
-            cause = exc.__cause__ if isinstance(exc, ConnectFailed) else exc
-            return FAILED, "connect failed: %s" % type(cause).__name__
+            return FAILED, "connect failed: %s" % type(exc).__name__
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -93,14 +80,6 @@ class ProcessorClient:
         if status >= 500 or status == 429:
             return FAILED, "HTTP %d" % status
         return REJECTED, "HTTP %d" % status
-
-    async def _post_through_aiohttp(self, processor, body):
-        async with self._session.post(self.payments_urls[processor], data=body, headers=_JSON_HEADERS) as response:
-            try:
-                await response.read()       # keeps the connection reusable; the body says nothing we need
-            except Exception:
-                pass                        # the status line already settled the outcome
-            return response.status
 
     async def health(self, processor):
         """The processor's health report as a dict, or None when it could not be read."""

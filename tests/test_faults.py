@@ -313,12 +313,10 @@ def test_both_processors_down_then_back(stacks):
 
 # ----- processors misbehaving at the connection level ------------------------------------
 
-@pytest.mark.parametrize("client", ["raw", "aiohttp"])
-def test_connection_level_faults_under_load(stacks, client):
+def test_connection_level_faults_under_load(stacks):
     """Resets after and before storing, garbage bodies, hangs, and answers slower than the
-    timeout, each for a while under traffic; then healthy again: every payment paid once.
-    Through both payment clients (PAYMENT_CLIENT): each must tell these endings apart."""
-    stack = stacks(REQUEST_TIMEOUT_PROCESSOR_S=1, PAYMENT_CLIENT=client)
+    timeout, each for a while under traffic; then healthy again: every payment paid once."""
+    stack = stacks(REQUEST_TIMEOUT_PROCESSOR_S=1)
     rows = {}
     accepted = []
     for fault in ("reset", "reset_before", "garbage", "hang", "slower-than-timeout"):
@@ -347,7 +345,7 @@ def test_connection_level_faults_under_load(stacks, client):
         assert_books_exact(stack, figures)
         assert figures["reported_fallback"] == 0, "patient policy: a short fault never pays the fallback"
     for fault, row in rows.items():
-        record_metrics("processor-" + fault + ("" if client == "raw" else "-aiohttp"), **row)
+        record_metrics("processor-" + fault, **row)
     assert rows["reset"]["processor_422"] > 0, "a reset after storing must be settled through a 422"
 
 

@@ -6,7 +6,8 @@ head > max_head_bytes -> 431, body > max_body_bytes -> 413, malformed -> 400,
 a request not complete within request_timeout_s -> 408; each closes the
 connection. Idle keep-alive connections close after keepalive_timeout_s.
 Both timeouts are a deadline per connection that one sweep checks every
-SWEEP_S, not a timer handle created and cancelled for every request.
+SWEEP_S, not a timer handle created and cancelled for every request; what
+is due is closed EXPIRE_CHUNK connections per loop step.
 Pipelined requests are parsed in slices, and parsing stops while the client
 is not reading its answers, so a flood cannot pile answers up in memory.
 

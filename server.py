@@ -380,18 +380,20 @@ class Instance:
         now = self.loop.time()
         due = [protocol for protocol in self.connections if protocol.is_due(now)]
         if due:
-            self._expire_step(due, 0, now)
+            self._expire_step(iter(due), now)
 
-    def _expire_step(self, due, start, now):
+    def _expire_step(self, due, now):
         """EXPIRE_CHUNK of the connections due per loop step: answering and closing one costs
         ~7 µs, and a slowloris's connections time out by the thousand in the same sweep."""
-        for protocol in islice(due, start, start + EXPIRE_CHUNK):
+        taken = 0
+        for protocol in islice(due, EXPIRE_CHUNK):
+            taken += 1
             try:
                 protocol.expire_if_due(now)           # checks again: it may have moved on since
             except Exception:
                 log.exception("unexpected error while expiring a connection")
-        if start + EXPIRE_CHUNK < len(due):
-            self.loop.call_soon(self._expire_step, due, start + EXPIRE_CHUNK, now)
+        if taken == EXPIRE_CHUNK:                     # maybe more
+            self.loop.call_soon(self._expire_step, due, now)
 
     def _on_accepted(self, payment):
         """Before the 202 is written: the peer's replica hears of the payment (and of its attempt

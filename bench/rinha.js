@@ -45,7 +45,7 @@ const DEFAULT_SCHEDULE = [
   { at: 50, default: { delay: 0, failure: false }, fallback: { delay: 5000, failure: false } },
 ];
 
-function loadSchedule() {
+export function loadSchedule() {
   let raw = __ENV.SCHEDULE || '';
   if (!raw && __ENV.SCHEDULE_FILE) raw = open(__ENV.SCHEDULE_FILE);
   else if (raw && !/^\s*[[{]/.test(raw)) raw = open(raw);

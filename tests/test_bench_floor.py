@@ -1,6 +1,7 @@
 """The benchmark's reference targets answer the backend's endpoints:
 bench/floor.cfg (HAProxy alone, the floor) and bench/minimal_instance.py behind
-the project's haproxy.cfg (the hop: no project work behind HAProxy)."""
+the project's haproxy.cfg (the hop: no project work behind HAProxy); bench/probe.py
+and bench/paired.py (two stacks in one k6 run) measure what they say."""
 
 import json
 import os
@@ -155,3 +156,36 @@ def test_probe_counts_a_minimal_instance(tmp_path):
     # The minimal instance sleeps between requests: woken about once per request.
     wakes = float(out.stdout.split("woken ")[1].split()[0])
     assert 0.5 <= wakes <= 2.0, out.stdout
+
+
+K6 = shutil.which("k6") or str(Path(sys.executable).parent / "k6")
+
+
+@pytest.mark.skipif(not os.access(K6, os.X_OK), reason="k6 is not installed")
+def test_paired_runs_two_stacks_in_one_k6_run(tmp_path):
+    """bench/paired.py: both sides answer every other payment of one k6 run, side B with its own
+    setting, the sides swap ports in the second round, and nothing is left running."""
+    schedule = tmp_path / "schedule.json"
+    schedule.write_text('[{"at": 0, "default": {"delay": 0, "failure": false},'
+                        ' "fallback": {"delay": 0, "failure": false}}]')
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "paired.py"), "--duration", "4", "--max-requests", "20",
+                          "--schedule", str(schedule), "--rounds", "2", "--b-env", "DISPATCH_DELAY_S=0.005"],
+                         capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    saved = ROOT / out.stdout.split("saved ")[-1].strip()
+    report = json.loads(saved.read_text())
+    assert "DISPATCH_DELAY_S=0.005" in report["sides"]["B"]
+    first, second = report["rounds"]
+    assert first["ports"] == {"A": 9999, "B": 9998} and second["ports"] == {"A": 9998, "B": 9999}
+    for rec in report["rounds"]:
+        a, b = rec["A"], rec["B"]
+        assert a["failed"] == 0 and b["failed"] == 0
+        assert a["ok"] > 10 and abs(a["ok"] - b["ok"]) <= 1      # every other payment
+        assert rec["ratios"]["p50_ms"] == round(b["p50_ms"] / a["p50_ms"], 3)
+    # Side B's instances ran with its setting: in round 2 it was on the first slot (port 9999).
+    log = (ROOT / "run" / "paired-0" / "api1.log").read_text().splitlines()
+    ready = [json.loads(line) for line in log if '"config"' in line]
+    assert ready and ready[0]["config"]["dispatch_delay_s"] == 0.005
+    for port in (9999, 9998, 8001, 8002, 8011, 8012):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"

@@ -165,6 +165,11 @@ K6 = shutil.which("k6") or str(Path(sys.executable).parent / "k6")
 def test_paired_runs_two_stacks_in_one_k6_run(tmp_path):
     """bench/paired.py: both sides answer every other payment of one k6 run, side B with its own
     setting, the sides swap ports in the second round, and nothing is left running."""
+    ports = (9999, 9998, 8001, 8002, 8011, 8012)          # paired.py's fixed slots
+    for port in ports:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"port {port} is in use (a stack from `make up`?): paired.py needs it")
     schedule = tmp_path / "schedule.json"
     schedule.write_text('[{"at": 0, "default": {"delay": 0, "failure": false},'
                         ' "fallback": {"delay": 0, "failure": false}}]')
@@ -186,6 +191,6 @@ def test_paired_runs_two_stacks_in_one_k6_run(tmp_path):
     log = (ROOT / "run" / "paired-0" / "api1.log").read_text().splitlines()
     ready = [json.loads(line) for line in log if '"config"' in line]
     assert ready and ready[0]["config"]["dispatch_delay_s"] == 0.005
-    for port in (9999, 9998, 8001, 8002, 8011, 8012):
+    for port in ports:
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"

@@ -31,8 +31,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import (BENCH, FEES, HOST, RESULTS, ROOT, TOKEN, BenchError, Proc, find_haproxy,  # noqa: E402
-                 find_tool, http, no_interrupt, port_taken, tail, wait_until, START_TIMEOUT)
+from run import (BENCH, HOST, RESULTS, ROOT, TOKEN, BenchError, Proc, find_haproxy, find_tool, http,  # noqa: E402
+                 no_interrupt, port_taken, start_minimal_instances, start_simulators, tail, wait_until,
+                 START_TIMEOUT)
 
 # Where a side runs: its HAProxy port and its two simulators' ports.
 SLOTS = ({"backend": 9999, "default": 8001, "fallback": 8002},
@@ -57,30 +58,20 @@ class Side:
 
 def start_side(side, slot, run_dir, stamp, procs):
     """Start a side's simulators and stack on a slot; returns how to stop the stack."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for n in ("default", "fallback"):
-        procs.append(Proc(f"{side.name}-sim-{n}", [sys.executable, str(ROOT / "simulator.py"), "--port",
-                                                    str(slot[n]), "--fee", FEES[n], "--token", TOKEN, "--name", n],
-                          RESULTS / f"{stamp}-paired-{side.name}-sim-{n}.log"))
-        wait_until(lambda n=n: http("GET", f"http://{HOST}:{slot[n]}/admin/payments-summary", token=True)[0] == 200,
-                   START_TIMEOUT, f"side {side.name}: simulator {n}", procs[-1])
+    run = f"paired-{side.name}"
+    start_simulators(ROOT / "simulator.py", stamp, run, procs, ports=slot)
     if side.hop:
-        for i in (1, 2):
-            sock = run_dir / f"api{i}.sock"
-            sock.unlink(missing_ok=True)
-            procs.append(Proc(f"{side.name}-api{i}", [sys.executable, str(BENCH / "minimal_instance.py"), str(sock)],
-                              RESULTS / f"{stamp}-paired-{side.name}-api{i}.log"))
-            wait_until(sock.exists, START_TIMEOUT, f"side {side.name}: minimal instance {i}", procs[-1])
+        start_minimal_instances(run_dir, stamp, run, procs)
         env = dict(os.environ, BIND=f"{HOST}:{slot['backend']}", SOCKET_DIR=str(run_dir))
         procs.append(Proc(f"{side.name}-haproxy", [find_haproxy(), "-f", str(side.code / "haproxy.cfg"), "-db"],
-                          RESULTS / f"{stamp}-paired-{side.name}-haproxy.log", env=env))
+                          RESULTS / f"{stamp}-{run}-haproxy.log", env=env))
         wait_until(lambda: http("GET", f"http://{HOST}:{slot['backend']}/payments-summary")[0] == 200,
                    START_TIMEOUT, f"side {side.name}: HAProxy", procs[-1])
         return lambda: None
     env = dict(os.environ, **side.env, RUN_DIR=str(run_dir), PORT=str(slot["backend"]), PY=sys.executable,
                PROCESSOR_DEFAULT_URL=f"http://{HOST}:{slot['default']}",
                PROCESSOR_FALLBACK_URL=f"http://{HOST}:{slot['fallback']}")
-    up_log = RESULTS / f"{stamp}-paired-{side.name}-up.log"
+    up_log = RESULTS / f"{stamp}-{run}-up.log"
     with open(up_log, "wb") as log:
         rc = subprocess.run([str(side.code / "scripts" / "up.sh")], cwd=side.code, env=env, stdout=log,
                             stderr=subprocess.STDOUT, timeout=60).returncode

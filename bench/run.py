@@ -557,15 +557,29 @@ def find_simulator(explicit: str | None) -> Path:
     raise BenchError("simulator.py not found in the repository (needed by the floor run)")
 
 
-def start_simulators(sim: Path, stamp: str, run: str, procs: list) -> None:
+def start_simulators(sim: Path, stamp: str, run: str, procs: list, ports: dict = PORTS) -> None:
     """The two processor simulators for a run that is not `make up` (floor, hop), once they answer."""
     for n in ("default", "fallback"):
-        procs.append(Proc(f"sim-{n}", [sys.executable, str(sim), "--port", str(PORTS[n]), "--fee", FEES[n],
+        procs.append(Proc(f"sim-{n}", [sys.executable, str(sim), "--port", str(ports[n]), "--fee", FEES[n],
                                        "--token", TOKEN, "--name", n],
                           RESULTS / f"{stamp}-{run}-sim-{n}.log"))
     for p, n in zip(procs[-2:], ("default", "fallback")):
-        wait_until(lambda n=n: http("GET", f"http://{HOST}:{PORTS[n]}/admin/payments-summary",
+        wait_until(lambda n=n: http("GET", f"http://{HOST}:{ports[n]}/admin/payments-summary",
                                     token=True)[0] == 200, START_TIMEOUT, f"simulator {n}", p)
+
+
+def start_minimal_instances(socket_dir: Path, stamp: str, run: str, procs: list) -> list[int]:
+    """The hop's two bench/minimal_instance.py on socket_dir/api{1,2}.sock, once they listen; their pids."""
+    socket_dir.mkdir(parents=True, exist_ok=True)
+    pids = []
+    for i in (1, 2):
+        sock = socket_dir / f"api{i}.sock"
+        sock.unlink(missing_ok=True)    # a stale socket must not pass for a listening instance
+        procs.append(Proc(f"api{i}", [sys.executable, str(BENCH / "minimal_instance.py"), str(sock)],
+                          RESULTS / f"{stamp}-{run}-api{i}.log"))
+        wait_until(sock.exists, START_TIMEOUT, f"minimal instance {i}", procs[-1])
+        pids.append(procs[-1].pid)
+    return pids
 
 
 def reference_run(name: str, k6: str, stamp: str, args, limits: dict, rec: dict) -> None:
@@ -584,14 +598,7 @@ def reference_run(name: str, k6: str, stamp: str, args, limits: dict, rec: dict)
         comps = {"sim_default": procs[0].pid, "sim_fallback": procs[1].pid}
         if name == "hop":
             socket_dir = RUN_DIR / "hop"
-            socket_dir.mkdir(parents=True, exist_ok=True)
-            for i in (1, 2):
-                sock = socket_dir / f"api{i}.sock"
-                sock.unlink(missing_ok=True)    # a stale socket must not pass for a listening instance
-                procs.append(Proc(f"api{i}", [sys.executable, str(BENCH / "minimal_instance.py"), str(sock)],
-                                  RESULTS / f"{stamp}-hop-api{i}.log"))
-                wait_until(sock.exists, START_TIMEOUT, f"minimal instance {i}", procs[-1])
-                comps[f"api{i}"] = procs[-1].pid
+            comps["api1"], comps["api2"] = start_minimal_instances(socket_dir, stamp, "hop", procs)
             cfg = ROOT / "haproxy.cfg"
             env = dict(os.environ, BIND=f"{HOST}:{PORTS['backend']}", SOCKET_DIR=str(socket_dir))
         else:

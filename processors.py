@@ -461,3 +461,21 @@ class Dispatcher:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A task cancelled before its first step never ran _attempt, nor its finally: that
+        # request was never sent. Undo the attempt and queue the payment again, unchanged and
+        # not ambiguous, so the hand-over (or the abandoned list) includes it.
+        now = self._loop.time() if self._loop is not None else 0.0
+        for payment in list(self._book.in_flight):
+            self._unstart(payment)
+            self._book.retry_later(payment, now)
+
+    def _unstart(self, payment):
+        """Undo _start's bookkeeping for an attempt whose request never left."""
+        processor = payment.in_flight_to
+        self.in_flight[processor] -= 1
+        self.attempts[processor] -= 1
+        payment.attempts -= 1
+        if payment.attempts:
+            self.retries[processor] -= 1
+        payment.in_flight_to = None
+        self._book.in_flight.discard(payment)

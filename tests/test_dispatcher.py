@@ -1,0 +1,58 @@
+"""The dispatcher in one process, with the real book, store and HTTP client.
+
+Stopping is where a payment can fall between two owners: an attempt whose task
+was created but had not run yet when shutdown cancelled it.
+"""
+import asyncio
+import socket
+import uuid
+
+import uvloop
+
+from config import Settings
+from payments import ACCEPTED, PaymentBook
+from processors import Breaker, Dispatcher, ProcessorClient
+from store import PaymentStore
+
+
+def refused_url():
+    """A loopback port nothing listens on: attempts there fail at once, definitely."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return "http://127.0.0.1:%d" % s.getsockname()[1]
+
+
+async def stop_while_attempts_are_being_started(count):
+    url = refused_url()
+    settings = Settings(processor_default_url=url, processor_fallback_url=url, dispatch_delay_s=0.0,
+                        dispatch_burst=count, health_enabled=False)
+    book = PaymentBook(settings.queue_capacity, settings.index_capacity)
+    client = ProcessorClient(settings)
+    await client.start()
+    breakers = tuple(Breaker(settings.breaker_failures, settings.breaker_probe_s, settings.breaker_probe_max_s)
+                     for _ in range(2))
+    dispatcher = Dispatcher(settings, book, PaymentStore(1000, "e"), client, breakers)
+    runner = asyncio.get_running_loop().create_task(dispatcher.run())
+    await asyncio.sleep(0)                          # the dispatcher is waiting for work
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    for cid in ids:
+        assert book.accept(cid, 100, 0.0) == ACCEPTED
+    while not book.in_flight:                       # the pass that starts the attempts has run...
+        await asyncio.sleep(0)
+    started = len(book.in_flight)
+    runner.cancel()                                 # ...and shutdown comes before their tasks' first step
+    await dispatcher.stop()
+    await client.close()
+    return started, ids, book, dispatcher
+
+
+def test_attempts_cancelled_before_they_ran_are_handed_over_not_lost():
+    started, ids, book, dispatcher = uvloop.run(stop_while_attempts_are_being_started(20))
+    assert started == 20
+    assert not book.in_flight and dispatcher.in_flight == [0, 0] and dispatcher.attempts == [0, 0]
+    assert book.pending == 20
+    taken = book.take_all_pending()
+    assert sorted(p.correlation_id for p in taken) == sorted(ids)
+    assert book.pending == 0
+    # Nothing was sent, so nothing is ambiguous: the peer may send them anywhere.
+    assert not any(any(p.ambiguous) for p in taken)

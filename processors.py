@@ -464,10 +464,9 @@ class Dispatcher:
         # A task cancelled before its first step never ran _attempt, nor its finally: that
         # request was never sent. Undo the attempt and queue the payment again, unchanged and
         # not ambiguous, so the hand-over (or the abandoned list) includes it.
-        now = self._loop.time() if self._loop is not None else 0.0
-        for payment in list(self._book.in_flight):
+        for payment in list(self._book.in_flight):    # only _start fills it, so the loop is set
             self._unstart(payment)
-            self._book.retry_later(payment, now)
+            self._book.retry_later(payment, self._loop.time())
 
     def _unstart(self, payment):
         """Undo _start's bookkeeping for an attempt whose request never left."""

@@ -45,9 +45,14 @@ class Payment:
         return "%d.%02d" % divmod(self.cents, 100)
 
     def to_wire(self):
-        """Everything the peer needs to carry on with this payment under the same rules."""
+        """Everything the peer needs to carry on with this payment under the same rules.
+
+        accepted_at travels as it is: time.monotonic() is the kernel's CLOCK_MONOTONIC, one
+        clock for every process on the host, and the peer is on the same host (the link is a
+        Unix socket). So a payment the peer takes over keeps the time it has already waited.
+        """
         return [self.correlation_id, self.cents, self.requested_at, self.ambiguous, self.pinned,
-                self.attempts, self.last_error]
+                self.attempts, self.last_error, self.accepted_at]
 
     def describe(self):
         info = {
@@ -204,11 +209,12 @@ class PaymentBook:
 
     def adopt(self, wire, now):
         """Take over a payment the peer handed over (or left behind when it died); False if known here."""
-        correlation_id, cents, requested_at, ambiguous, pinned, attempts, last_error = wire
+        correlation_id, cents, requested_at, ambiguous, pinned, attempts, last_error, accepted_at = wire
         known = self._index.get(correlation_id)
         if known is not None and known.state != HANDED_OVER:
             return False
-        payment = Payment(correlation_id, cents, now)
+        # The wait so far counts (FALLBACK_WAIT_S, the oldest-pending figure); never in the future.
+        payment = Payment(correlation_id, cents, min(accepted_at, now))
         payment.requested_at = list(requested_at)
         payment.ambiguous = list(ambiguous)
         payment.pinned = pinned

@@ -182,12 +182,18 @@ def test_kill9_payments_still_queued_are_paid_by_the_peer(stacks):
     stack.fallback.configure(failure=True)
     one, two = stack.instances
     ids = post_payments(one, 2500)
+    all_accepted = time.monotonic()
     time.sleep(0.5)
     snapshots = json.loads(two.get("/metrics.json")[2])["instances"]
     assert next(s for s in snapshots if s["instance"] == 2)["peer"]["replica"] == 2500   # api1's, held by api2
     one.kill()
     wait_until(lambda: instance_health(two)["pending"] == 2500, timeout=5, what="api2 to inherit the 2,500")
     assert "inherited 2500 of its pending payments" in two.log()
+    # They keep the time they have waited since api1 accepted them (FALLBACK_WAIT_S counts it),
+    # not the moment api2 adopted them.
+    snapshots = json.loads(two.get("/metrics.json")[2])["instances"]
+    oldest = next(s for s in snapshots if s and s["instance"] == 2)["queue"]["oldest_pending_age_s"]   # api1's: None
+    assert oldest >= time.monotonic() - all_accepted - 0.05, oldest
     stack.default.configure(failure=False)
     stack.fallback.configure(failure=False)
     drain(stack)

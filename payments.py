@@ -209,7 +209,9 @@ class PaymentBook:
 
     def adopt(self, wire, now):
         """Take over a payment the peer handed over (or left behind when it died); False if known here."""
-        correlation_id, cents, requested_at, ambiguous, pinned, attempts, last_error, accepted_at = wire
+        correlation_id, cents, requested_at, ambiguous, pinned, attempts, last_error = wire[:7]
+        # An instance of an earlier version sends no accepted_at (a rolling upgrade): wait anew.
+        accepted_at = wire[7] if len(wire) > 7 else now
         known = self._index.get(correlation_id)
         if known is not None and known.state != HANDED_OVER:
             return False

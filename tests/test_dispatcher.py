@@ -56,3 +56,24 @@ def test_attempts_cancelled_before_they_ran_are_handed_over_not_lost():
     assert book.pending == 0
     # Nothing was sent, so nothing is ambiguous: the peer may send them anywhere.
     assert not any(any(p.ambiguous) for p in taken)
+
+
+# ----- taking over a payment from the peer (its wire form) ------------------------------
+
+def test_an_adopted_payment_keeps_its_acceptance_time_never_one_in_the_future():
+    origin = PaymentBook(100, 100)
+    for cid, accepted_at in (("a" * 36, 10.0), ("b" * 36, 30.0)):
+        assert origin.accept(cid, 100, accepted_at) == ACCEPTED
+    heir = PaymentBook(100, 100)
+    for payment in origin.take_all_pending():
+        assert heir.adopt(payment.to_wire(), 20.0)
+    assert heir.get("a" * 36).accepted_at == 10.0      # the wait at the origin counts
+    assert heir.get("b" * 36).accepted_at == 20.0      # a clock ahead of ours: now, not later
+
+
+def test_a_payment_from_an_earlier_version_without_an_acceptance_time_is_adopted():
+    heir = PaymentBook(100, 100)
+    wire = ["c" * 36, 250, [None, None], [False, False], None, 0, None]     # before accepted_at
+    assert heir.adopt(wire, 5.0)
+    payment = heir.get("c" * 36)
+    assert (payment.cents, payment.accepted_at, heir.pending) == (250, 5.0, 1)

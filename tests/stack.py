@@ -286,6 +286,11 @@ def instance_health(instance):
     return json.loads(instance.get("/health")[2])
 
 
+def own_figures(instance):
+    """The instance's own snapshot from its GET /metrics.json ([instance 1's, instance 2's])."""
+    return json.loads(instance.get("/metrics.json")[2])["instances"][instance.instance_id - 1]
+
+
 def stop_fast(stack):
     """Stack.stop, but the simulators are killed instead of shut down gracefully.
 

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from stack import (Load, Stack, books, instance_health, payment, proc_stats, record_metrics, request, scaled,
-                   stop_fast, summary_count, wait_until)
+from stack import (Load, Stack, books, instance_health, own_figures, payment, proc_stats, record_metrics, request,
+                   scaled, stop_fast, summary_count, wait_until)
 
 
 @pytest.fixture
@@ -184,15 +184,13 @@ def test_kill9_payments_still_queued_are_paid_by_the_peer(stacks):
     ids = post_payments(one, 2500)
     all_accepted = time.monotonic()
     time.sleep(0.5)
-    snapshots = json.loads(two.get("/metrics.json")[2])["instances"]
-    assert next(s for s in snapshots if s["instance"] == 2)["peer"]["replica"] == 2500   # api1's, held by api2
+    assert own_figures(two)["peer"]["replica"] == 2500      # api1's pending payments, held by api2
     one.kill()
     wait_until(lambda: instance_health(two)["pending"] == 2500, timeout=5, what="api2 to inherit the 2,500")
     assert "inherited 2500 of its pending payments" in two.log()
     # They keep the time they have waited since api1 accepted them (FALLBACK_WAIT_S counts it),
     # not the moment api2 adopted them.
-    snapshots = json.loads(two.get("/metrics.json")[2])["instances"]
-    oldest = next(s for s in snapshots if s and s["instance"] == 2)["queue"]["oldest_pending_age_s"]   # api1's: None
+    oldest = own_figures(two)["queue"]["oldest_pending_age_s"]
     assert oldest >= time.monotonic() - all_accepted - 0.05, oldest
     stack.default.configure(failure=False)
     stack.fallback.configure(failure=False)

@@ -25,6 +25,7 @@ WORKDIR /app
 # Only the modules server.py imports (tests/test_deploy_config.py checks the list), and the
 # page GET /dashboard serves.
 # Root-owned: the app user can read the code but not change it.
-COPY audit.py config.py observe.py payments.py peer.py processors.py router.py server.py store.py timestamps.py dashboard.html ./
+COPY audit.py config.py observe.py payment_request.py payments.py peer.py processors.py router.py server.py store.py \
+     timestamps.py dashboard.html ./
 USER app
 CMD ["python", "server.py"]

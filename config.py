@@ -25,6 +25,11 @@ class Settings:
     # The peer link: this instance listens on peer_listen, dials peer_connect.
     peer_listen: str = ""
     peer_connect: str = ""
+    # A peer that reads nothing for this long is dropped (payments wait at most this long for
+    # their acceptance to reach it, then 503); and how long a (re)started instance waits for the
+    # peer's records before it answers summaries anyway.
+    peer_stall_s: float = 1.0
+    peer_sync_timeout_s: float = 10.0
 
     processor_default_url: str = "http://payment-processor-default:8080"
     processor_fallback_url: str = "http://payment-processor-fallback:8080"

@@ -35,13 +35,13 @@ from collections import deque
 from decimal import Decimal
 from itertools import islice
 from time import perf_counter_ns
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import urlencode
 
 import orjson
 
 from payments import PENDING
-from processors import AMBIGUOUS, FAILED, ProcessorClient
-from router import GET_ONLY, JSON, json_error, parse_window
+from processors import AMBIGUOUS, FAILED, SERVER_ERROR, ProcessorClient
+from router import GET_ONLY, JSON, json_error, parse_window, window_texts
 from store import PROCESSOR_NAMES
 from timestamps import format_ms, now_ms
 
@@ -57,6 +57,9 @@ HEALTH_HISTORY = 12                    # health reports / circuit changes kept p
 PROCESSOR_RECENT = 512                 # recent processor calls kept per processor
 PROCESSOR_RECENT_S = 60.0
 AUDIT_TIMEOUT_S = 5.0
+# A one-sided window's open side, as a bound the processors read (they count everything when a
+# bound is missing): before any payment, and the last instant .NET's DateTime holds.
+AUDIT_EARLIEST, AUDIT_LATEST = "1970-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"
 HALF_CENT = Decimal("0.005")
 # Accept-path latency histogram (Prometheus buckets), in seconds and in ns for bisect.
 HIST_BOUNDS_S = (0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -309,7 +312,7 @@ class Observer:
         cutoff = time.monotonic() - PROCESSOR_RECENT_S
         calls = [c for c in self.recent[processor] if c[0] >= cutoff]
         latencies = sorted(c[1] for c in calls)
-        errors = sum(1 for c in calls if c[2] in (FAILED, AMBIGUOUS))
+        errors = sum(1 for c in calls if c[2] in (FAILED, SERVER_ERROR, AMBIGUOUS))
         outcomes = {}
         for c in calls:
             outcomes[c[2]] = outcomes.get(c[2], 0) + 1
@@ -462,8 +465,7 @@ class Observer:
         bounds = parse_window(query)
         if type(bounds) is not list:
             return bounds                    # the 400 answer
-        params = parse_qs(query, keep_blank_values=True) if query else {}
-        texts = {name: params.get(name, [""])[-1] or None for name in ("from", "to")}
+        texts = window_texts(query)
         totals = self.instance.store.summary(*bounds)
         rates = fee_rates(self.settings)
         processors, total = {}, {"payments": 0, "gross": Decimal(0), "fees": Decimal(0), "net": Decimal(0)}
@@ -481,22 +483,28 @@ class Observer:
         if not self.settings.processor_admin_token:
             report["audit"] = {"enabled": False, "reason": "PROCESSOR_ADMIN_TOKEN is not set"}
             return 200, JSON, _dumps_decimal(report)
-        return self._audited(report, texts)
+        return self._audited(report, bounds)
 
-    async def _audited(self, report, texts):
-        report["audit"] = await self.audit(report["processors"], texts)
+    async def _audited(self, report, bounds):
+        report["audit"] = await self.audit(report["processors"], bounds)
         return 200, JSON, _dumps_decimal(report)
 
-    async def audit(self, ours, texts):
-        """Compare our books with each processor's admin summary for the same window."""
+    async def audit(self, ours, bounds):
+        """Compare our books with each processor's admin summary for the same window.
+
+        Both bounds are always sent, as the milliseconds our summary used: a processor counts
+        everything when either bound is missing, where our one-sided window is open on one side
+        only, so a missing bound goes as the earliest or latest instant the processors read."""
         import aiohttp                             # already loaded by processors.py
-        query = urlencode({k: v for k, v in texts.items() if v})
+        from_ms, to_ms = bounds
+        query = urlencode({"from": format_ms(from_ms) if from_ms is not None else AUDIT_EARLIEST,
+                           "to": format_ms(to_ms) if to_ms is not None else AUDIT_LATEST})
         urls = (self.settings.processor_default_url, self.settings.processor_fallback_url)
         headers = {"X-Rinha-Token": self.settings.processor_admin_token}
         timeout = aiohttp.ClientTimeout(total=AUDIT_TIMEOUT_S)
 
         async def fetch(session, url):
-            target = url.rstrip("/") + "/admin/payments-summary" + ("?" + query if query else "")
+            target = url.rstrip("/") + "/admin/payments-summary?" + query
             try:
                 async with session.get(target, headers=headers) as response:
                     data = await response.read()

@@ -12,14 +12,14 @@ from collections import deque
 from store import PROCESSOR_NAMES
 from timestamps import format_ms
 
-PENDING, PAID, DEAD, HANDED_OVER = "pending", "paid", "dead_letter", "handed_over"
+PENDING, PAID, DEAD, HANDED_OVER, WITHDRAWN = "pending", "paid", "dead_letter", "handed_over", "withdrawn"
 
 ACCEPTED, ALREADY_ACCEPTED, CONFLICT, QUEUE_FULL = range(4)
 
 
 class Payment:
     __slots__ = ("correlation_id", "cents", "state", "attempts", "last_error",
-                 "requested_at", "ambiguous", "pinned", "paid_by", "accepted_at", "in_flight_to")
+                 "requested_at", "ambiguous", "unverified", "pinned", "paid_by", "accepted_at", "in_flight_to")
 
     def __init__(self, correlation_id, cents, accepted_at):
         self.correlation_id = correlation_id
@@ -33,6 +33,10 @@ class Payment:
         # True once an attempt to that processor ended without a definite answer:
         # the processor may have stored it, so only it may settle the payment.
         self.ambiguous = [False, False]
+        # True once that processor answered 5xx: by the rules nothing was stored, but a processor
+        # can commit and then fail its answer, so it is asked (GET /payments/{id}) before the
+        # payment goes to the other one.
+        self.unverified = [False, False]
         self.pinned = None       # processor index the payment must stay on, or None
         self.paid_by = None
         self.accepted_at = accepted_at
@@ -52,7 +56,20 @@ class Payment:
         Unix socket). So a payment the peer takes over keeps the time it has already waited.
         """
         return [self.correlation_id, self.cents, self.requested_at, self.ambiguous, self.pinned,
-                self.attempts, self.last_error, self.accepted_at]
+                self.attempts, self.last_error, self.accepted_at, self.unverified]
+
+    @classmethod
+    def from_wire(cls, wire, now):
+        """The payment to_wire() describes; its wait so far counts, but never ends in the future."""
+        correlation_id, cents, requested_at, ambiguous, pinned, attempts, last_error, accepted_at, unverified = wire
+        payment = cls(correlation_id, cents, min(accepted_at, now))
+        payment.requested_at = list(requested_at)
+        payment.ambiguous = list(ambiguous)
+        payment.unverified = list(unverified)
+        payment.pinned = pinned
+        payment.attempts = attempts
+        payment.last_error = last_error
+        return payment
 
     def describe(self):
         info = {
@@ -68,18 +85,37 @@ class Payment:
         return info
 
 
-def left_behind(replica_entry):
-    """A pending payment of a peer that died -> the wire form adopt() takes.
+def replica_entry(payment):
+    """What the peer keeps of one of our pending payments: [wire form, processor an attempt is
+    under way at (or claimed for), or None]."""
+    return [payment.to_wire(), payment.in_flight_to]
+
+
+def wire_id(wire):
+    return wire[0]
+
+
+def entry_id(entry):
+    return entry[0][0]
+
+
+def entry_cents(entry):
+    return entry[0][1]
+
+
+def left_behind(entry, now):
+    """A pending payment of a peer that died -> the Payment to adopt.
 
     An attempt that was under way may have reached the processor: the payment
     stays on that processor with the same requestedAt, as after an ambiguous
-    attempt, so a 422 there means "already paid" and is recorded once.
+    attempt, so a 422 there means "already stored" and is settled once.
     """
-    wire, in_flight_to = replica_entry
+    payment = Payment.from_wire(entry[0], now)
+    in_flight_to = entry[1]
     if in_flight_to is not None:
-        wire[3][in_flight_to] = True      # ambiguous there
-        wire[4] = in_flight_to            # pinned there
-    return wire
+        payment.ambiguous[in_flight_to] = True
+        payment.pinned = in_flight_to
+    return payment
 
 
 class PaymentBook:
@@ -156,10 +192,28 @@ class PaymentBook:
     def queued(self):
         return len(self.ready) + len(self.pinned[0]) + len(self.pinned[1])
 
+    def withdraw(self, payment):
+        """Undo the acceptance of a payment never attempted (its 202 could not be kept: the
+        instance answers 503 instead); False if it can no longer be undone."""
+        if payment.state != PENDING or payment in self.in_flight or payment.attempts:
+            return False
+        payment.state = WITHDRAWN
+        if self._index.get(payment.correlation_id) is payment:
+            del self._index[payment.correlation_id]
+        queue = self.ready if payment.pinned is None else self.pinned[payment.pinned]
+        try:
+            queue.remove(payment)                # rare: only when the peer stopped reading
+        except ValueError:
+            pass
+        self.pending -= 1
+        return True
+
     # ----- outcomes ------------------------------------------------------------------
-    def mark_paid(self, payment, processor):
+    def mark_paid(self, payment, processor, requested_at_ms):
+        """The processor holds the payment, with this requestedAt."""
         payment.state = PAID
         payment.paid_by = processor
+        payment.requested_at[processor] = requested_at_ms
         payment.pinned = None
         self.pending -= 1
         self.paid += 1
@@ -207,31 +261,42 @@ class PaymentBook:
             self.pending -= 1
         return taken
 
-    def adopt(self, wire, now):
-        """Take over a payment the peer handed over (or left behind when it died); False if known here."""
-        correlation_id, cents, requested_at, ambiguous, pinned, attempts, last_error = wire[:7]
-        # An instance of an earlier version sends no accepted_at (a rolling upgrade): wait anew.
-        accepted_at = wire[7] if len(wire) > 7 else now
+    def adopt(self, payment):
+        """Take over a payment the peer handed over (or left behind when it died); False if this
+        book already holds it (a copy accepted here meanwhile takes the peer's exactly-once state,
+        see _merge)."""
+        correlation_id = payment.correlation_id
         known = self._index.get(correlation_id)
         if known is not None and known.state != HANDED_OVER:
+            if known.state == PENDING:
+                self._merge(known, payment)
             return False
-        # The wait so far counts (FALLBACK_WAIT_S, the oldest-pending figure); never in the future.
-        payment = Payment(correlation_id, cents, min(accepted_at, now))
-        payment.requested_at = list(requested_at)
-        payment.ambiguous = list(ambiguous)
-        payment.pinned = pinned
-        payment.attempts = attempts
-        payment.last_error = last_error
         self._index[correlation_id] = payment
         self.pending += 1
-        (self.ready if pinned is None else self.pinned[pinned]).append(payment)
+        (self.ready if payment.pinned is None else self.pinned[payment.pinned]).append(payment)
         if self.audit is not None and self.audit.enabled:
-            self.audit.record("adopted", correlation_id, attempts=attempts)
+            self.audit.record("adopted", correlation_id, attempts=payment.attempts)
         if self.on_new is not None:
             self.on_new(payment)
         if self.on_ready is not None:
             self.on_ready()
         return True
+
+    def _merge(self, mine, theirs):
+        """A copy of one payment was accepted here while the peer held another (the link was down):
+        what the peer's copy may have reached binds this one too. requestedAt per processor is
+        taken where this copy has none; ambiguity and doubt add up; the peer's pin is kept unless
+        this copy is already pinned (then both may hold it, and the processors' 422 settle it)."""
+        for processor in (0, 1):
+            if mine.requested_at[processor] is None:
+                mine.requested_at[processor] = theirs.requested_at[processor]
+            mine.ambiguous[processor] = mine.ambiguous[processor] or theirs.ambiguous[processor]
+            mine.unverified[processor] = mine.unverified[processor] or theirs.unverified[processor]
+        if mine.pinned is None and theirs.pinned is not None:
+            mine.pinned = theirs.pinned
+            if mine in self.ready:               # rare (a link cut, then a death): move it to its pin
+                self.ready.remove(mine)
+                self.pinned[mine.pinned].append(mine)
 
     def pending_payments(self):
         """Every PENDING payment, wherever it is (queues, backoff heap, in flight)."""

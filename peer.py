@@ -3,35 +3,50 @@
 Each instance listens on its own socket and dials the other's, so there are
 two connections and each carries one direction of the data:
 
-    A dials B:   B -> A  HELLO {epoch, highWater, purgedAt}     (what B holds)
+    A dials B:   B -> A  HELLO {protocol, epoch, highWater, purgedAt}   (what B holds)
                  A -> B  PURGE (if B missed one), then every record B lacks,
+                         then "E" (the end of the resync, with the replica),
                          then each record A pays, as it is paid; health
                          reports; purges; lookups (B answers on this connection)
 
 Records are named by (origin epoch, sequence number), and sequence numbers of
 one epoch travel in order, so "highWater" (the highest sequence held per
 epoch) says exactly what a store lacks: a restarted or reconnected peer gets
-everything it missed, and nothing is ever counted twice.
+everything it missed, and nothing is ever counted twice (the store also holds
+one record per correlationId, whatever path it came by).
 
-Messages are JSON arrays, one per line: ["R", records, finished, watched],
-["S", processor, report], ["P", purgedAt], ["L", id, correlationId] /
+Messages are JSON arrays, one per line: ["R", purgedAt, records, finished,
+watched], ["S", processor, report], ["P", purgedAt], ["L", id, correlationId] /
 ["l", id, answer], ["H", payments] (pending payments handed over by an
-instance shutting down), ["E", epoch, watched] (sent once the link is up).
+instance shutting down), ["E", epoch, watched] (the end of the resync). A
+hello of another protocol version is refused: the link stays down.
+
+Purges. Every "R" carries the purge its sender had seen when it wrote it; a
+record written before a purge the receiver has seen is dropped, since its
+sender drops it too when that purge reaches it. So a record crossing a purge
+on the wire cannot leave one instance holding what the other purged.
+
+Readiness. An instance with a peer is not ready (it answers no summary) until
+it holds the peer's records up to the peer's high-water mark ("E" received),
+or knows the peer is absent (its socket refuses connections, or is not there),
+or PEER_SYNC_TIMEOUT_S has passed. The survivor dials back at once when the
+peer connects to it, rather than at its next reconnect period.
 
 The replica: each instance keeps a copy of the peer's *pending* payments, so
 that a peer killed outright loses nothing. "E" carries all of them; then each
-"R" adds the payments accepted or changed (`watched`: [payment wire,
-processor an attempt is under way at, or None]) and drops those the records
-in the same message paid or that were dead-lettered (`finished`). One
-message, so a peer dying mid-write leaves either both or neither. An attempt
-is announced before its request leaves; one the next dispatch pass will send
-straight to the default processor is announced with the acceptance itself
-(Dispatcher.claim), so most payments cost the peer two messages, not three.
-When the peer's epoch is known dead
-(a new epoch answers, or its socket refuses connections: no process listens)
-and its connection has closed, its replica is inherited: each payment is
-adopted here, one that was in flight pinned to that processor as after an
-ambiguous attempt (its 422 then means "already paid": recorded once).
+"R" adds the payments accepted or changed (`watched`: replica entries) and
+drops those its records paid or that were dead-lettered (`finished`); any
+record, resent ones included, drops its payment from the replica. One
+message, so a peer dying mid-write leaves either both or neither. An
+acceptance is in the kernel's socket buffer to the peer before its 202 is
+written, and an attempt before its request leaves: while the peer does not
+read (the buffer is full), answers and attempts wait (backlogged(),
+replicated()); if it has not read for PEER_STALL_S the link is dropped and the
+instance carries on alone, as after a cut.
+When the peer's epoch is known dead (a new epoch answers, or its socket
+refuses connections: no process listens) and its connection has closed, its
+replica is inherited: each payment is adopted here, one that was in flight
+pinned to that processor as after an ambiguous attempt.
 """
 import asyncio
 import itertools
@@ -40,19 +55,20 @@ import os
 
 import orjson
 
+from payments import entry_cents, entry_id, replica_entry, wire_id
+from store import record_correlation_id
 from timestamps import now_ms
 
 log = logging.getLogger("peer")
+PROTOCOL = 2              # records carry their correlationId; "R" carries its purge
 RESYNC_CHUNK = 2000       # records per write while resynchronising (keeps each loop step short)
 LINE_LIMIT = 16 * 1024 * 1024
 RECONNECT_S = 0.25
 LOOKUP_TIMEOUT_S = 0.5
 _LINE = orjson.OPT_APPEND_NEWLINE     # one message per line, without copying it to add the newline
 
-
-def replica_entry(payment):
-    """What the peer keeps of one of our pending payments."""
-    return [payment.to_wire(), payment.in_flight_to]
+# How a wait for the peer to read ends (replicated()).
+DRAINED, STALLED, LOST = "drained", "stalled", "lost"
 
 
 class _IncomingLink:
@@ -69,6 +85,8 @@ class PeerLink:
                  on_inherit=None):
         self._listen_path = settings.peer_listen
         self._connect_path = settings.peer_connect
+        self._stall_s = settings.peer_stall_s
+        self._sync_timeout_s = settings.peer_sync_timeout_s
         self._store = store
         self._on_purge = on_purge        # apply a purge locally (store + book)
         self._on_health = on_health      # (processor, report) from the peer's monitor
@@ -78,6 +96,8 @@ class PeerLink:
         self._on_inherit = on_inherit    # (epoch, replica entries) of a peer that died
         self.purged_at = 0
         self.link_up = False             # our outgoing connection is synchronised
+        self.synced = False              # we hold the peer's records up to its high-water mark
+        self.peer_absent = False         # the peer's socket refused us, or is not there
         self._writer = None
         self._syncing = False
         self._batch = []                 # records paid this loop step, flushed once per step
@@ -88,26 +108,41 @@ class PeerLink:
         self._dead_epochs = set()        # peer epochs known to be gone, to inherit once closed
         self._outbox = []                # records paid while a resync is in progress
         self._flush_scheduled = False
+        self._backlog = None             # a future: how the current wait for the peer to read ends
+        self._dial_now = None            # asyncio.Event: the peer connected to us, dial it back now
         self._lookups = {}
         self._lookup_ids = itertools.count(1)
         self._server = None
+        self._started_at = None
         self._tasks = []
         self._incoming = set()           # tasks serving the peer's connections to us
         self.records_sent = 0
         self.records_received = 0
         self.connects = 0
+        self.stalls = 0
 
     @property
     def enabled(self):
         return bool(self._listen_path and self._connect_path)
 
+    @property
+    def ready(self):
+        """Summaries can be answered: no peer, or its records are in, or it is absent (or too slow)."""
+        if not self.enabled or self.synced or self.peer_absent:
+            return True
+        loop = asyncio.get_running_loop()
+        return self._started_at is not None and loop.time() - self._started_at >= self._sync_timeout_s
+
     async def start(self):
         if not self.enabled:
             return
+        loop = asyncio.get_running_loop()
+        self._started_at = loop.time()
+        self._dial_now = asyncio.Event()
         if os.path.exists(self._listen_path):
             os.unlink(self._listen_path)
         self._server = await asyncio.start_unix_server(self._serve_incoming, path=self._listen_path, limit=LINE_LIMIT)
-        self._tasks.append(asyncio.get_running_loop().create_task(self._dial_forever()))
+        self._tasks.append(loop.create_task(self._dial_forever()))
 
     async def close(self):
         for task in self._tasks + list(self._incoming):
@@ -138,16 +173,58 @@ class PeerLink:
 
     def watch_now(self, *payments):
         """Payments just accepted (before the 202 is written) or attempts about to start (before
-        their requests leave): written to the peer at once."""
+        their requests leave): written to the peer at once (see backlogged())."""
         if self.link_up:
             self._watched.extend(replica_entry(payment) for payment in payments)
             self._flush()
 
     def forget(self, payment):
-        """A payment dead-lettered here: no longer pending."""
+        """A payment finished here without a record to send (dead-lettered, or already recorded)."""
         if self.link_up:
             self._finished.append(payment.correlation_id)
             self._schedule_flush()
+
+    def pending_cents(self, correlation_id):
+        """The amount of a payment the peer holds pending (per its replica here), or None."""
+        for replica in self._replicas.values():
+            entry = replica.get(correlation_id)
+            if entry is not None:
+                return entry_cents(entry)
+        return None
+
+    def backlogged(self):
+        """True while something written to the peer is still in this process, not in the kernel:
+        an acceptance written now would not survive this process's death."""
+        writer = self._writer
+        return self.link_up and writer.transport.get_write_buffer_size() > 0
+
+    async def replicated(self):
+        """Wait until what was written has left this process: DRAINED, LOST (the link went: nothing
+        more can reach the peer) or STALLED (the peer read nothing for PEER_STALL_S; the link is
+        dropped). At once when nothing is buffered."""
+        if not self.backlogged():
+            return DRAINED
+        if self._backlog is None:
+            self._backlog = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().create_task(self._watch_backlog(self._writer, self._backlog))
+        return await asyncio.shield(self._backlog)
+
+    async def _watch_backlog(self, writer, outcome):
+        try:
+            # The write buffer's high-water mark is 0 (see _run_outgoing): drain() returns once
+            # everything is in the kernel.
+            await asyncio.wait_for(writer.drain(), self._stall_s)
+            result = DRAINED
+        except asyncio.TimeoutError:
+            self.stalls += 1
+            log.warning("peer read nothing for %.1f s: link dropped, carrying on alone", self._stall_s)
+            writer.transport.abort()     # what is still buffered never reaches it
+            result = STALLED
+        except Exception:
+            result = LOST
+        if self._backlog is outcome:
+            self._backlog = None
+        outcome.set_result(result)
 
     def _schedule_flush(self):
         if not self._flush_scheduled:
@@ -161,7 +238,7 @@ class PeerLink:
             return
         self._batch, self._finished, self._watched = [], [], []
         if self._writer is not None:
-            self._send(["R", batch, finished, watched])
+            self._send(["R", self.purged_at, batch, finished, watched])
             self.records_sent += len(batch)
 
     def send_health(self, processor, report):
@@ -170,10 +247,7 @@ class PeerLink:
 
     def purge(self):
         """Purge here and at the peer (now, or when the link returns)."""
-        self.purged_at = max(now_ms(), self.purged_at + 1)
-        self._outbox.clear()
-        self._batch.clear()
-        self._on_purge()
+        self._apply_purge(max(now_ms(), self.purged_at + 1))
         if self._writer is not None:
             self._send(["P", self.purged_at])
 
@@ -223,18 +297,22 @@ class PeerLink:
         while True:
             try:
                 reader, writer = await asyncio.open_unix_connection(self._connect_path, limit=LINE_LIMIT)
-            except ConnectionRefusedError:
-                # The socket file is there but nothing listens: the process that held it is gone
-                # (a live peer's full backlog answers EAGAIN, not this).
-                self._dead_epochs.update(self._replicas)
-                self._inherit_dead()
-                await asyncio.sleep(RECONNECT_S)
+            except (ConnectionRefusedError, FileNotFoundError) as exc:
+                # Nothing listens there (a live peer's full backlog answers EAGAIN, not this):
+                # the process that held it is gone, or there is none yet.
+                self.peer_absent = True
+                if isinstance(exc, ConnectionRefusedError):
+                    self._dead_epochs.update(self._replicas)
+                    self._inherit_dead()
+                await self._pause()
                 continue
             except OSError:
-                await asyncio.sleep(RECONNECT_S)
+                await self._pause()
                 continue
             try:
                 await self._run_outgoing(reader, writer)
+            except _Incompatible as exc:
+                log.error("peer link refused: %s", exc)
             except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
                 log.info("peer link lost: %s", type(exc).__name__)
             finally:
@@ -249,12 +327,33 @@ class PeerLink:
                 for future in self._lookups.values():
                     if not future.done():
                         future.set_result(None)
-            await asyncio.sleep(RECONNECT_S)
+            await self._pause()
+
+    async def _pause(self):
+        """RECONNECT_S between dials, cut short when the peer connects to us (it is back)."""
+        self._dial_now.clear()
+        try:
+            await asyncio.wait_for(self._dial_now.wait(), RECONNECT_S)
+        except asyncio.TimeoutError:
+            pass
 
     async def _run_outgoing(self, reader, writer):
-        hello = orjson.loads(await reader.readline() or b"null")
+        line = await reader.readline()
+        if not line:
+            # Closed before any hello: no instance behind the socket (a forwarder whose other
+            # side is gone, say). A live instance says hello as it accepts.
+            self.peer_absent = True
+            raise ConnectionResetError("closed before the hello")
+        hello = orjson.loads(line)
         if not isinstance(hello, dict):
             raise ValueError("peer sent no hello")
+        if hello.get("protocol") != PROTOCOL:
+            self.peer_absent = True      # nothing can be exchanged with it: do not wait for its records
+            raise _Incompatible("peer speaks protocol %r, this instance %d" % (hello.get("protocol"), PROTOCOL))
+        self.peer_absent = False
+        # Everything buffered here counts as not yet replicated (backlogged()): drain() waits
+        # until the kernel holds all of it.
+        writer.transport.set_write_buffer_limits(high=0)
         self._peer_epoch_is(hello["epoch"])
         if hello["purgedAt"] > self.purged_at:
             self._apply_purge(hello["purgedAt"])
@@ -267,16 +366,16 @@ class PeerLink:
         for record in missing:
             chunk.append(record)
             if len(chunk) == RESYNC_CHUNK:
-                self._send(["R", chunk])
+                self._send(["R", self.purged_at, chunk, [], []])
                 self.records_sent += len(chunk)
                 chunk = []
                 await writer.drain()
         if chunk:
-            self._send(["R", chunk])
+            self._send(["R", self.purged_at, chunk, [], []])
             self.records_sent += len(chunk)
         self._syncing = False
         if self._outbox:
-            self._send(["R", self._outbox])
+            self._send(["R", self.purged_at, self._outbox, [], []])
             self.records_sent += len(self._outbox)
             self._outbox = []
         pending = self._pending() if self._pending is not None else []
@@ -298,7 +397,9 @@ class PeerLink:
     async def _serve_incoming(self, reader, writer):
         task = asyncio.current_task()
         self._incoming.add(task)
-        hello = {"epoch": self._store.local_epoch, "highWater": self._store.high_water(),
+        if self._writer is None:
+            self._dial_now.set()         # the peer is there: dial it back without waiting
+        hello = {"protocol": PROTOCOL, "epoch": self._store.local_epoch, "highWater": self._store.high_water(),
                  "purgedAt": self.purged_at}
         writer.write(orjson.dumps(hello, option=_LINE))
         link = _IncomingLink(writer)
@@ -323,19 +424,27 @@ class PeerLink:
         kind = message[0]
         writer = link.writer
         if kind == "R":
-            ingest = self._store.ingest
-            for record in message[1]:
-                if ingest(*record):
-                    self.records_received += 1
-            replica = self._replicas.get(link.epoch) if len(message) > 2 else None
+            _, purged_at, records, finished, watched = message
+            if purged_at >= self.purged_at:          # else written before a purge we have applied
+                ingest = self._store.ingest
+                for record in records:
+                    if ingest(*record):
+                        self.records_received += 1
+            replica = self._replicas.get(link.epoch)
             if replica is not None:
-                for entry in message[3]:
-                    replica[entry[0][0]] = entry
-                for correlation_id in message[2]:
+                for entry in watched:
+                    replica[entry_id(entry)] = entry
+                for correlation_id in finished:
                     replica.pop(correlation_id, None)
+            for record in records:                   # paid, wherever it was pending
+                for replica in self._replicas.values():
+                    replica.pop(record_correlation_id(record), None)
         elif kind == "E":
             link.epoch = epoch = message[1]
-            self._replicas[epoch] = {entry[0][0]: entry for entry in message[2]}
+            replica = self._replicas[epoch] = {entry_id(entry): entry for entry in message[2]}
+            for correlation_id in [cid for cid in replica if self._store.held(cid) is not None]:
+                del replica[correlation_id]
+            self.synced = True
             self._peer_epoch_is(epoch)
         elif kind == "S":
             self._on_health(message[1], message[2])
@@ -345,7 +454,7 @@ class PeerLink:
         elif kind == "H":
             replica = self._replicas.get(link.epoch, {})
             for wire in message[1]:
-                replica.pop(wire[0], None)
+                replica.pop(wire_id(wire), None)
             if self._on_adopt is not None:
                 self._on_adopt(message[1])
         elif kind == "L":
@@ -369,8 +478,16 @@ class PeerLink:
     def replica_size(self):
         return sum(len(entries) for entries in self._replicas.values())
 
+    def write_buffer(self):
+        """Bytes written to the peer and still in this process (0 when the kernel took them all)."""
+        return self._writer.transport.get_write_buffer_size() if self._writer is not None else 0
+
     def _apply_purge(self, purged_at):
         self.purged_at = purged_at
         self._outbox.clear()
         self._batch.clear()
         self._on_purge()
+
+
+class _Incompatible(ValueError):
+    """The peer speaks another protocol version."""

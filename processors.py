@@ -1,7 +1,8 @@
 """Paying through the two processors.
 
 - ProcessorClient: one long-lived aiohttp session; every answer is classified
-  as paid, duplicate, definite failure, ambiguous or rejected.
+  as paid, duplicate, definite failure (5xx told apart), ambiguous or
+  rejected; and GET /payments/{id} tells what a processor holds.
 - Breaker: per processor; opens after consecutive failures, lets one probe
   through at growing intervals, closes on success or a healthy health report.
 - HealthMonitor: reads /payments/service-health without ever exceeding the
@@ -10,19 +11,26 @@
   applies the exactly-once rules (see Dispatcher._settle).
 """
 import asyncio
+import json
 import logging
 import random
+from decimal import Decimal, InvalidOperation
 
 import aiohttp
 import orjson
 
 from payments import PENDING
 from store import DEFAULT, FALLBACK, PROCESSOR_NAMES
-from timestamps import format_ms, now_ms
+from timestamps import format_ms, now_ms, parse_us
 
 log = logging.getLogger("processors")
 
-PAID_OK, DUPLICATE, FAILED, AMBIGUOUS, REJECTED = "paid", "duplicate", "failed", "ambiguous", "rejected"
+# How a POST /payments ended. SERVER_ERROR is a FAILED (5xx) after which the processor is asked
+# before the payment moves on; STORED and NOT_STORED are what GET /payments/{id} then said;
+# UNKNOWN: that question got no answer.
+PAID_OK, DUPLICATE, FAILED, SERVER_ERROR, AMBIGUOUS, REJECTED = (
+    "paid", "duplicate", "failed", "server_error", "ambiguous", "rejected")
+STORED, NOT_STORED, UNKNOWN = "stored", "not_stored", "unknown"
 _JSON_HEADERS = {"Content-Type": "application/json"}
 MIN_PAUSE_S = 0.001
 
@@ -77,9 +85,36 @@ class ProcessorClient:
             return PAID_OK, None
         if status == 422:
             return DUPLICATE, "HTTP 422"
-        if status >= 500 or status == 429:
-            return FAILED, "HTTP %d" % status
+        if status == 429:
+            return FAILED, "HTTP 429"           # refused before any work: nothing stored
+        if status >= 500:
+            return SERVER_ERROR, "HTTP %d" % status
         return REJECTED, "HTTP %d" % status
+
+    async def stored(self, processor, correlation_id):
+        """What the processor holds under this id: (STORED, cents, requestedAt ms), (NOT_STORED,)
+        or (UNKNOWN, why). GET /payments/{id} is part of the processors' public API (no token,
+        no delay, no failure mode), answered from their database."""
+        url = self.payments_urls[processor] + "/" + correlation_id
+        try:
+            async with self._session.get(url) as response:
+                status = response.status
+                data = await response.read()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return UNKNOWN, "lookup failed: %s" % type(exc).__name__
+        if status == 404:
+            return (NOT_STORED,)
+        if status != 200:
+            return UNKNOWN, "lookup answered HTTP %d" % status
+        try:
+            found = json.loads(data, parse_float=Decimal)
+            cents = int(Decimal(found["amount"]) * 100)
+            requested_at_ms = parse_us(found["requestedAt"]) // 1000
+        except (ValueError, KeyError, TypeError, InvalidOperation):
+            return UNKNOWN, "lookup answer unreadable"
+        return STORED, cents, requested_at_ms
 
     async def health(self, processor):
         """The processor's health report as a dict, or None when it could not be read."""
@@ -252,6 +287,11 @@ class Dispatcher:
         self._loop = loop = asyncio.get_running_loop()
         self._tokens_at = loop.time()
         while True:
+            if self._replica is not None and self._replica.backlogged():
+                # The peer is not reading: an attempt announced now would not reach it before
+                # its request leaves. Start none until what is written has left this process.
+                await self._replica.replicated()
+                continue
             now = loop.time()
             next_due = self._book.release_due(now)
             self._refill(now)
@@ -388,13 +428,16 @@ class Dispatcher:
         return payment, announced
 
     async def _attempt(self, payment, processor):
-        body = b'{"correlationId":"%s","amount":%s,"requestedAt":"%s"}' % (
-            payment.correlation_id.encode(), payment.amount_text.encode(),
-            format_ms(payment.requested_at[processor]).encode())
+        sent = False
         try:
-            outcome, detail = await self._client.pay(processor, body)
+            if self._replica is not None and self._replica.backlogged():
+                await self._replica.replicated()     # its announcement first reaches the peer
+            outcome, detail = await self._verify_elsewhere(payment, processor)
+            if outcome is None:
+                sent = True
+                outcome, detail = await self._pay(payment, processor)
         except asyncio.CancelledError:
-            outcome, detail = AMBIGUOUS, "cancelled at shutdown"
+            outcome, detail = (AMBIGUOUS, "cancelled at shutdown") if sent else (UNKNOWN, "not sent: shutting down")
             raise
         except Exception as exc:        # a bug of ours: keep the payment, say so once
             log.exception("payment attempt failed unexpectedly")
@@ -406,15 +449,50 @@ class Dispatcher:
             self._settle(payment, processor, outcome, detail)
             self.wake()
 
-    def _settle(self, payment, processor, outcome, detail):
-        """The exactly-once rules.
+    async def _verify_elsewhere(self, payment, processor):
+        """Before a payment goes to `processor`, ask any other processor that answered it 5xx
+        whether it holds it after all: (STORED, (where, cents, requestedAt)), (UNKNOWN, why), or
+        (None, None) to go ahead."""
+        for other in (DEFAULT, FALLBACK):
+            if other != processor and payment.unverified[other]:
+                found = await self._client.stored(other, payment.correlation_id)
+                if found[0] == STORED:
+                    return STORED, (other,) + found[1:]
+                if found[0] == UNKNOWN:
+                    return UNKNOWN, found[1]
+                payment.unverified[other] = False
+        return None, None
 
-        - 200, or 422 after an earlier ambiguous attempt there: the processor
-          has it with the requestedAt we sent, so record it now.
-        - 422 with no earlier ambiguity, or any other 4xx: dead letter.
-        - definite failure (5xx, 429, no connection): retry later, free to move
-          unless an earlier ambiguous attempt pins it to this processor.
+    async def _pay(self, payment, processor):
+        """POST the payment; a 422 ("already stored") is settled by what the processor holds."""
+        body = b'{"correlationId":"%s","amount":%s,"requestedAt":"%s"}' % (
+            payment.correlation_id.encode(), payment.amount_text.encode(),
+            format_ms(payment.requested_at[processor]).encode())
+        outcome, detail = await self._client.pay(processor, body)
+        if outcome != DUPLICATE:
+            return outcome, detail
+        found = await self._client.stored(processor, payment.correlation_id)
+        if found[0] == STORED:
+            return STORED, (processor,) + found[1:]
+        if found[0] == NOT_STORED:              # purged in between: nothing there now
+            return FAILED, "HTTP 422, then not found"
+        return AMBIGUOUS, "HTTP 422, then %s" % found[1]     # it holds it: stay there, ask again
+
+    def _settle(self, payment, processor, outcome, detail):
+        """The exactly-once rules (the attempt went to `processor`).
+
+        - 200: the processor holds it with the requestedAt we sent: record it.
+        - 422: the processor holds this correlationId; GET /payments/{id} says
+          with which amount and requestedAt. The same amount: record exactly
+          that (whichever attempt, ours or a copy's, stored it). Another amount:
+          dead letter (it is not this payment).
+        - another 4xx: dead letter.
+        - 5xx: retry later, free to move, but the processor is asked whether it
+          stored it before the payment goes elsewhere (a 5xx after a commit).
+        - 429, no connection: retry later, free to move.
         - ambiguous (timeout, reset after sending): retry on this processor only.
+        The store keeps one record per correlationId: a payment settled twice
+        (two copies, a resync) is counted once.
         """
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         if payment.state != PENDING:
@@ -422,17 +500,20 @@ class Dispatcher:
         audit = self._audit if self._audit is not None and self._audit.enabled else None
         breaker = self.breakers[processor]
         now = self._loop.time()
-        if outcome == PAID_OK or (outcome == DUPLICATE and payment.ambiguous[processor]):
+        if outcome == PAID_OK:
             breaker.on_success()
-            record = self._store.record_local(payment.requested_at[processor], payment.cents, processor)
-            self._book.mark_paid(payment, processor)
-            if self.on_paid is not None:
-                self.on_paid(record, payment)
-            if audit:
-                audit.record("paid", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
-                             requestedAt=format_ms(payment.requested_at[processor]), outcome=outcome)
+            self._record(payment, processor, payment.requested_at[processor], outcome, audit)
             return
-        if outcome in (DUPLICATE, REJECTED):
+        if outcome == STORED:
+            where, cents, requested_at = detail
+            if where == processor:
+                breaker.on_success()
+            if cents == payment.cents:
+                self._record(payment, where, requested_at, outcome, audit)
+                return
+            outcome, detail = REJECTED, "already stored with another amount (%d.%02d)" % divmod(cents, 100)
+            processor = where
+        if outcome == REJECTED:
             breaker.on_success()    # the processor answered; the payment is what it refused
             self._book.mark_dead(payment, "%s refused it: %s" % (PROCESSOR_NAMES[processor], detail))
             self.dead[processor] += 1
@@ -443,19 +524,40 @@ class Dispatcher:
                 audit.record("dead_lettered", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
                              reason=payment.last_error)
             return
-        breaker.on_failure(now)
+        if outcome != UNKNOWN:                   # UNKNOWN: a lookup failed, the processor did not
+            breaker.on_failure(now)
         payment.last_error = "%s: %s" % (PROCESSOR_NAMES[processor], detail)
         if outcome == AMBIGUOUS:
             payment.ambiguous[processor] = True
             payment.pinned = processor
+        elif outcome == SERVER_ERROR:
+            payment.unverified[processor] = True
         s = self._settings
-        backoff = min(s.retry_max_s, s.retry_base_s * 2 ** min(payment.attempts - 1, 16))
+        backoff = min(s.retry_max_s, s.retry_base_s * 2 ** min(max(payment.attempts - 1, 0), 16))
         self._book.retry_later(payment, now + backoff * random.uniform(0.5, 1.5))
         if self._replica is not None:
             self._replica.watch(payment)    # no longer in flight; maybe now pinned
         if audit:
             audit.record("retry", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
                          outcome=outcome, reason=detail, pinned=payment.pinned is not None)
+
+    def _record(self, payment, processor, requested_at, outcome, audit):
+        """The processor holds the payment with this requestedAt: count it, once."""
+        record = self._store.record_local(payment.correlation_id, requested_at, payment.cents, processor)
+        self._book.mark_paid(payment, processor, requested_at)
+        if record is not None:
+            if self.on_paid is not None:
+                self.on_paid(record, payment)
+        else:
+            # Already recorded (another copy of it was settled, here or at the peer): once is all.
+            held = self._store.held(payment.correlation_id)
+            if held is not None and held[2] != processor:
+                log.error("%s is stored by both processors", payment.correlation_id)
+            if self._replica is not None:
+                self._replica.forget(payment)
+        if audit:
+            audit.record("paid", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
+                         requestedAt=format_ms(requested_at), outcome=outcome, counted=record is not None)
 
     async def stop(self):
         for task in list(self._tasks):

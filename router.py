@@ -6,21 +6,20 @@ Handlers are synchronous, except a payment lookup that has to ask the peer,
 which returns a coroutine the server awaits in order.
 """
 import hmac
-import math
 import re
-from decimal import ROUND_HALF_EVEN, Decimal
 from time import monotonic
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl
 
 import orjson
 
+import payment_request
 import payments
-from store import FALLBACK, DEFAULT
+from peer import STALLED
+from store import FALLBACK, DEFAULT, describe_record
 from timestamps import parse_lower_bound_ms, parse_upper_bound_ms
 
 JSON = b"content-type: application/json\r\nx-content-type-options: nosniff\r\ncache-control: no-store\r\n"
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
-_CENT = Decimal("0.01")
 
 
 def json_error(status, message, extra_headers=b""):
@@ -35,9 +34,13 @@ BAD_ID = json_error(400, "correlationId must be a UUID string")
 NO_AMOUNT = json_error(400, "amount is required")
 BAD_AMOUNT = json_error(400, "amount must be a number")
 NOT_POSITIVE = json_error(400, "amount must be at least 0.01")
+NAMED_TWICE = json_error(400, "correlationId or amount named more than once")
+NOT_ROUTABLE = json_error(400, "correlationId must be a plain top-level key: the load balancer routes by it")
 CONFLICT = json_error(409, "correlationId already accepted with a different amount")
 QUEUE_FULL = json_error(503, "too many pending payments, retry later", b"retry-after: 1\r\n")
 STOPPING = json_error(503, "instance shutting down, retry", b"retry-after: 1\r\n")
+STARTING = json_error(503, "instance starting: the peer's records are not in yet, retry", b"retry-after: 1\r\n")
+PEER_BEHIND = json_error(503, "the peer instance is not keeping up, retry", b"retry-after: 1\r\n")
 PURGE_OFF = json_error(403, "purge is disabled on this deployment")
 ADMIN_OFF = json_error(403, "administrative operations are disabled (no ADMIN_TOKEN configured)")
 BAD_TOKEN = json_error(401, "missing or wrong X-Admin-Token")
@@ -52,22 +55,26 @@ POST_ONLY = method_not_allowed("POST")
 GET_ONLY = method_not_allowed("GET")
 
 
-def to_cents(amount):
-    """A JSON number -> integer cents, rounded half-even on its decimal text (as the processors do)."""
-    scaled = amount * 100
-    whole = round(scaled)
-    if abs(scaled - whole) < 1e-6 and abs(amount) < 1e13:
-        return int(whole)    # already two decimals: the common case, no Decimal needed
-    return int(Decimal(repr(amount)).quantize(_CENT, rounding=ROUND_HALF_EVEN) * 100)
+def window_texts(query):
+    """?from=&to= -> {"from": text or None, "to": ...}, read as the processors read a query: the
+    first value of each, '+' as a space, surrounding blanks ignored, blank meaning none."""
+    texts = {"from": None, "to": None}
+    for name, value in parse_qsl(query, keep_blank_values=True) if query else ():
+        if name in texts and texts[name] is None:
+            texts[name] = value.strip() or None
+    return texts
 
 
 def parse_window(query):
-    """?from=&to= -> [from_ms, to_ms] (None where missing or empty), or a 400 answer."""
-    params = parse_qs(query, keep_blank_values=True) if query else {}
+    """?from=&to= -> [from_ms, to_ms] (None where missing or blank), or a 400 answer.
+
+    A missing bound leaves that side open (the processors' admin summary instead counts
+    everything when either bound is missing; /report's audit sends both, see observe.py)."""
+    texts = window_texts(query)
     bounds = []
     for name, parse in (("from", parse_lower_bound_ms), ("to", parse_upper_bound_ms)):
-        text = params.get(name, [""])[-1]
-        if not text:
+        text = texts[name]
+        if text is None:
             bounds.append(None)
             continue
         try:
@@ -85,17 +92,24 @@ class Router:
     def __init__(self, instance):
         self.instance = instance
         self.max_cents = int(instance.settings.max_amount * 100)
-        self.too_large = json_error(400, "amount must be at most %.2f" % instance.settings.max_amount)
+        self.refusals = {
+            payment_request.BAD_JSON: BAD_JSON, payment_request.NO_ID: NO_ID, payment_request.BAD_ID: BAD_ID,
+            payment_request.NO_AMOUNT: NO_AMOUNT, payment_request.BAD_AMOUNT: BAD_AMOUNT,
+            payment_request.NOT_POSITIVE: NOT_POSITIVE, payment_request.NAMED_TWICE: NAMED_TWICE,
+            payment_request.TOO_LARGE: json_error(400, "amount must be at most %.2f" % instance.settings.max_amount),
+        }
 
-    def handle(self, method, path, query, body, admin_token=None):
+    def handle(self, method, path, query, body, admin_token=None, routing_key=None):
         if path == "/payments":
-            return self.post_payment(body) if method == b"POST" else POST_ONLY
+            return self.post_payment(body, routing_key) if method == b"POST" else POST_ONLY
         if path == "/payments-summary":
             return self.summary(query) if method == b"GET" else GET_ONLY
         if path == "/purge-payments":
             return self.purge(admin_token) if method == b"POST" else POST_ONLY
         if path == "/admin/dead-letters/replay":
             return self.replay_dead_letters(admin_token) if method == b"POST" else POST_ONLY
+        if path == "/admin/records":
+            return self.records(query, admin_token) if method == b"GET" else GET_ONLY
         if path == "/health":
             return self.health() if method == b"GET" else GET_ONLY
         if path.startswith("/payments/") and len(path) > 10:
@@ -105,39 +119,63 @@ class Router:
         return NOT_FOUND if observed is None else observed
 
     # ----- POST /payments: the hot path ----------------------------------------------
-    def post_payment(self, body):
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return BAD_JSON
-        if type(data) is not dict:
-            return BAD_JSON
-        correlation_id = data.get("correlationId")
-        amount = data.get("amount")
-        if correlation_id is None:
-            return NO_ID
-        if type(correlation_id) is not str or len(correlation_id) != 36 or not _UUID.match(correlation_id):
-            return BAD_ID
-        if amount is None:
-            return NO_AMOUNT
-        if type(amount) is not float and type(amount) is not int:   # bool is not a number here
-            return BAD_AMOUNT
-        if not math.isfinite(amount) or amount > self.instance.settings.max_amount:
-            return self.too_large if amount > 0 else NOT_POSITIVE
-        cents = to_cents(amount) if amount > 0 else 0
-        if cents <= 0:
-            return NOT_POSITIVE
-        if cents > self.max_cents:
-            return self.too_large
-        if self.instance.stopping:
+    def post_payment(self, body, routing_key=None):
+        """routing_key: the correlationId HAProxy hashed (header x-routing-key), when it came
+        through HAProxy: this instance accepts only what HAProxy routes here by the same id."""
+        read = payment_request.read(body, self.max_cents)
+        if type(read) is not tuple:
+            return self.refusals[read]
+        correlation_id, cents = read
+        if routing_key is not None and routing_key != correlation_id:
+            return NOT_ROUTABLE
+        if self.instance.peer.backlogged():
+            return self._accept_once_replicated(correlation_id, cents)
+        return self._accept(correlation_id, cents)
+
+    def _accept(self, correlation_id, cents):
+        """Known anywhere (here, paid at either instance, pending at the peer) -> 202 or 409 at
+        once, even while stopping or starting; otherwise accept it here if this instance can."""
+        instance = self.instance
+        book = instance.book
+        known = book.get(correlation_id)
+        if known is not None and known.state != payments.HANDED_OVER:
+            return ACCEPTED if known.cents == cents else CONFLICT
+        held = instance.store.held(correlation_id)
+        if held is None:
+            held_cents = instance.peer.pending_cents(correlation_id)
+        else:
+            held_cents = held[1]
+        if held_cents is not None:
+            return ACCEPTED if held_cents == cents else CONFLICT
+        if instance.stopping:
             return STOPPING
-        result = self.instance.book.accept(correlation_id.lower(), cents, monotonic())
-        if result is payments.ACCEPTED or result is payments.ALREADY_ACCEPTED:
-            return ACCEPTED
-        return CONFLICT if result is payments.CONFLICT else QUEUE_FULL
+        if not instance.peer.ready:
+            return STARTING
+        if book.accept(correlation_id, cents, monotonic()) is not payments.ACCEPTED:
+            return QUEUE_FULL
+        if instance.peer.backlogged():          # its acceptance is not all in the kernel yet
+            return self._confirm(book.get(correlation_id))
+        return ACCEPTED
+
+    async def _accept_once_replicated(self, correlation_id, cents):
+        """The peer is not reading: wait (at most PEER_STALL_S) until what was written has left
+        this process, then decide."""
+        if await self.instance.peer.replicated() == STALLED:
+            return PEER_BEHIND
+        answer = self._accept(correlation_id, cents)
+        return answer if type(answer) is tuple else await answer
+
+    async def _confirm(self, payment):
+        """A 202 only once the payment's acceptance is in the kernel; if the peer stalls instead
+        (the link is then dropped with the rest of the message), the acceptance is undone: 503."""
+        if await self.instance.peer.replicated() == STALLED and self.instance.book.withdraw(payment):
+            return PEER_BEHIND
+        return ACCEPTED
 
     # ----- GET /payments-summary -----------------------------------------------------
     def summary(self, query):
+        if not self.instance.peer.ready:
+            return STARTING                  # HAProxy retries it at the other instance
         bounds = parse_window(query)
         if type(bounds) is not list:
             return bounds                    # the 400 answer
@@ -178,12 +216,31 @@ class Router:
         replayed = self.instance.book.replay_dead()
         return 200, JSON, orjson.dumps({"replayed": replayed})
 
+    # ----- GET /admin/records ---------------------------------------------------------
+    def records(self, query, admin_token):
+        """The paid records this instance holds, a page at a time (?offset=&limit=, at most
+        10,000): what its summaries add up, for an audit record by record."""
+        if not self.instance.settings.admin_token:
+            return ADMIN_OFF
+        refused = self._token_refused(admin_token)
+        if refused:
+            return refused
+        params = dict(parse_qsl(query)) if query else {}
+        try:
+            offset = max(0, int(params.get("offset", 0)))
+            limit = min(10_000, max(1, int(params.get("limit", 10_000))))
+        except ValueError:
+            return json_error(400, "offset and limit must be integers")
+        page, next_offset = self.instance.store.records_page(offset, limit)
+        return 200, JSON, orjson.dumps({
+            "records": [describe_record(record) for record in page], "next": next_offset})
+
     # ----- GET /payments/{correlationId} ---------------------------------------------
     def lookup(self, correlation_id):
         correlation_id = correlation_id.lower()
-        payment = self.instance.book.get(correlation_id)
-        if payment is not None:
-            return 200, JSON, orjson.dumps(payment.describe())
+        info = describe_local(self.instance, correlation_id)
+        if info is not None:
+            return 200, JSON, orjson.dumps(info)
         if not _UUID.match(correlation_id) or not self.instance.peer.link_up:
             return NOT_FOUND
         return self._lookup_at_peer(correlation_id)
@@ -195,15 +252,20 @@ class Router:
     # ----- GET /health ---------------------------------------------------------------
     def health(self):
         instance = self.instance
-        body = orjson.dumps({"status": "stopping" if instance.stopping else "ok",
+        status = "stopping" if instance.stopping else "ok" if instance.peer.ready else "starting"
+        body = orjson.dumps({"status": status,
                              "instance": instance.settings.instance_id,
                              "peer": "up" if instance.peer.link_up else "down",
                              "pending": instance.book.pending})
-        # 503 while stopping takes the instance out of HAProxy's rotation.
-        return (503 if instance.stopping else 200), JSON, body
+        # 503 while stopping or starting keeps the instance out of HAProxy's rotation.
+        return (200 if status == "ok" else 503), JSON, body
 
 
-def describe_local(book, correlation_id):
-    """What the peer is asked for in a lookup."""
-    payment = book.get(correlation_id)
-    return None if payment is None else payment.describe()
+def describe_local(instance, correlation_id):
+    """What this instance's book says of a payment (also what the peer is asked in a lookup)."""
+    payment = instance.book.get(correlation_id)
+    if payment is None or payment.state == payments.HANDED_OVER:
+        return None
+    info = payment.describe()
+    info["instance"] = instance.settings.instance_id
+    return info

@@ -31,7 +31,7 @@ import orjson
 from audit import AuditLog
 from config import Settings
 from observe import PEER_METRICS_KEY, ObservedClient, Observer, public_config
-from payments import PaymentBook, left_behind
+from payments import Payment, PaymentBook, left_behind
 from peer import PeerLink
 from processors import Breaker, Dispatcher, HealthMonitor
 from router import Router, describe_local, json_error
@@ -72,8 +72,8 @@ class _Adoption:
     """Payments from the peer being adopted a chunk per loop step (Instance._adopt_in_steps)."""
     __slots__ = ("left", "adopted", "next_step", "report")
 
-    def __init__(self, wires, report):
-        self.left = iter(wires)      # wire forms not adopted yet
+    def __init__(self, payments, report):
+        self.left = iter(payments)   # Payments not adopted yet
         self.adopted = 0             # adopted so far (known ones are skipped, not counted)
         self.next_step = None        # the loop handle of the next chunk
         self.report = report         # report(adopted), once all are in
@@ -83,7 +83,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = ("_instance", "_settings", "_router", "_loop", "_transport", "_parser", "_url",
                  "_body", "_body_size", "_head_size", "_head_exact", "_in_request", "_deadline",
                  "_deadline_is_request", "_responses", "_closing", "_paused", "_unparsed", "_admin_token", "_t0",
-                 "_observe")
+                 "_observe", "_routing_key")
 
     def __init__(self, instance):
         self._instance = instance
@@ -106,6 +106,7 @@ class HttpProtocol(asyncio.Protocol):
         self._paused = False
         self._unparsed = b""     # received but held back until the client reads its answers
         self._admin_token = None  # X-Admin-Token of the current request (admin routes check it)
+        self._routing_key = None  # X-Routing-Key: the correlationId HAProxy routed the request by
         self._t0 = 0              # perf_counter_ns() when the current request began (observe.py)
         self._observe = instance.observer.request_done
 
@@ -204,6 +205,7 @@ class HttpProtocol(asyncio.Protocol):
         self._in_request = True
         self._head_exact = 0
         self._admin_token = None
+        self._routing_key = None
         self._url = b""
         self._body = []
         self._body_size = 0
@@ -224,8 +226,12 @@ class HttpProtocol(asyncio.Protocol):
         if len(name) == 14 and name.lower() == b"content-length" and value.isdigit() \
                 and int(value) > self._settings.max_body_bytes:
             raise _Reject(413, "request body too large")
-        elif len(name) == 13 and name.lower() == b"x-admin-token":
-            self._admin_token = value.decode("latin-1")
+        elif len(name) == 13:
+            lower = name.lower()
+            if lower == b"x-routing-key":
+                self._routing_key = value.decode("latin-1")
+            elif lower == b"x-admin-token":
+                self._admin_token = value.decode("latin-1")
 
     def on_headers_complete(self):
         self._head_size = -1                          # what follows is body
@@ -250,7 +256,8 @@ class HttpProtocol(asyncio.Protocol):
             path, query = url.decode("latin-1"), ""
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         try:
-            response = self._router.handle(self._parser.get_method(), path, query, body, self._admin_token)
+            response = self._router.handle(self._parser.get_method(), path, query, body, self._admin_token,
+                                           self._routing_key)
         except Exception:
             log.exception("unexpected error in a handler")
             response, keep_alive = _INTERNAL_ERROR, False
@@ -409,33 +416,36 @@ class Instance:
         """The peer asks about a payment, or (observe.PEER_METRICS_KEY) for our figures."""
         if key == PEER_METRICS_KEY:
             return self.observer.snapshot()
-        return describe_local(self.book, key)
+        return describe_local(self, key)
 
     def _adopt(self, payments_wire):
         """The peer hands its pending payments over (it is shutting down)."""
-        self._adopt_in_steps(payments_wire, lambda adopted: log.info(
+        now = time.monotonic()
+        self._adopt_in_steps((Payment.from_wire(wire, now) for wire in payments_wire), lambda adopted: log.info(
             "adopted %d payments handed over by the peer", adopted))
 
     def _inherit(self, epoch, entries):
         """The peer died (epoch gone): carry on with the pending payments it left behind."""
+        now = time.monotonic()
         at_processor = sum(1 for entry in entries if entry[1] is not None)
-        self._adopt_in_steps(map(left_behind, entries), lambda adopted: log.warning(
+        self._adopt_in_steps((left_behind(entry, now) for entry in entries), lambda adopted: log.warning(
             "peer %s is gone: inherited %d of its pending payments (%d may have reached a processor)",
             epoch, adopted, at_processor))
 
-    def _adopt_in_steps(self, wires, report):
-        """Adopt payments (wire form) ADOPT_CHUNK per loop step, so that payment requests are
-        answered in between; report(adopted) once all are in."""
-        adoption = _Adoption(wires, report)
+    def _adopt_in_steps(self, payments, report):
+        """Adopt payments ADOPT_CHUNK per loop step, so that payment requests are answered in
+        between; report(adopted) once all are in."""
+        adoption = _Adoption(payments, report)
         self._adopting.append(adoption)
         self._adopt_step(adoption, ADOPT_CHUNK)
 
     def _adopt_step(self, adoption, chunk):
-        now = time.monotonic()
         taken = 0
-        for wire in islice(adoption.left, chunk):
+        held = self.store.held
+        for payment in islice(adoption.left, chunk):
             taken += 1
-            adoption.adopted += self.book.adopt(wire, now)
+            if held(payment.correlation_id) is None:      # else already paid, whoever paid it
+                adoption.adopted += self.book.adopt(payment)
         if taken == chunk:                       # maybe more
             adoption.next_step = self.loop.call_soon(self._adopt_step, adoption, chunk)
             return

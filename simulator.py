@@ -22,7 +22,7 @@ Official API (same paths, bodies and status codes as the real service):
 
 Simulator-only (X-Rinha-Token as well):
     GET  /admin/sim/stats                counters
-    PUT  /admin/sim/fault  {"mode": "none"|"reset"|"reset_before"|"garbage"|"hang"}
+    PUT  /admin/sim/fault  {"mode": "none"|"reset"|"reset_before"|"garbage"|"hang"|"fail_after_store"}
     GET  /admin/sim/payments             every stored payment
 
 The simulator runs next to the system being benchmarked and takes CPU from
@@ -78,7 +78,10 @@ __all__ = [
     "main",
 ]
 
-FAULT_MODES = ("none", "reset", "reset_before", "garbage", "hang")
+# reset: store, then RST; reset_before: RST without storing; garbage: store, answer 200 with a
+# non-JSON body; hang: store, never answer; fail_after_store: store, then answer 500 (a processor
+# that commits and fails its answer, which the official one can do on an unexpected exception).
+FAULT_MODES = ("none", "reset", "reset_before", "garbage", "hang", "fail_after_store")
 
 # Largest magnitude a .NET System.Decimal can hold; the real service answers
 # 400 for anything it cannot bind to a decimal.
@@ -95,11 +98,12 @@ _UUID_RE = re.compile(
 )
 
 # ISO-8601 (extended format): a date, optionally a time (hh:mm[:ss[.fraction]]),
-# optionally Z or an offset (+hh, +hhmm, +hh:mm). No offset means UTC.
+# optionally Z or an offset (+hh, +hhmm, +hh:mm). No offset means UTC. ASCII digits only.
 _TS_RE = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})"
     r"(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"
-    r"(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?\Z"
+    r"(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?\Z",
+    re.ASCII,   # .NET's invariant culture reads ASCII digits only
 )
 _EPOCH_ORDINAL = _dt.date(1970, 1, 1).toordinal()
 _EPOCH = _dt.datetime(1970, 1, 1)
@@ -754,6 +758,9 @@ class Endpoints:
             return None
         if fault == "garbage":
             return _GARBAGE
+        if fault == "fail_after_store":
+            counters["payments_500"] += 1
+            return _FAILED
         return self._hang(req)
 
     async def _hang(self, req: Request):

@@ -1,9 +1,16 @@
 """Paid payments: a fixed-capacity ring of compact records, summarised fast.
 
 A record is what a processor confirmed: requestedAt (integer ms, exactly as
-sent), amount in integer cents, processor (0 default, 1 fallback), and where it
-came from (origin epoch + sequence number) so that two instances can exchange
-records and resynchronise without counting any twice.
+the processor holds it), amount in integer cents, processor (0 default, 1
+fallback), the correlationId, and where it came from (origin epoch + sequence
+number) so that two instances can exchange records and resynchronise without
+counting any twice. As a tuple (the form the peer link carries):
+
+    (epoch, seq, requested_at_ms, cents, processor, correlation_id)
+
+The store holds at most one record per correlationId, whatever path a record
+comes by (paid here, sent by the peer, resent in a resync): a second one is
+refused, so a payment settled twice anywhere is still counted once.
 
 Summaries run on the event loop between payment requests, so their cost must
 not grow with the number of stored payments. Records are aggregated into
@@ -17,11 +24,25 @@ is why the capacity default is far above a test's volume).
 """
 from array import array
 
+from timestamps import format_ms
+
 BUCKET_MS = 100          # fine level: edge buckets are scanned record by record
 BUCKETS_PER_BLOCK = 100  # coarse level: a block is 10 s of buckets
 DEFAULT, FALLBACK = 0, 1
 PROCESSOR_NAMES = ("default", "fallback")
 _FAR = 1 << 62
+
+
+def record_correlation_id(record):
+    return record[5]
+
+
+def describe_record(record):
+    """A record as JSON-ready fields (GET /admin/records)."""
+    epoch, seq, requested_at_ms, cents, processor, correlation_id = record
+    return {"correlationId": correlation_id, "processor": PROCESSOR_NAMES[processor],
+            "requestedAt": format_ms(requested_at_ms), "amount": "%d.%02d" % divmod(cents, 100),
+            "origin": epoch, "seq": seq}
 
 
 class _Totals:
@@ -51,6 +72,8 @@ class PaymentStore:
         self._processor = array("b", bytes(capacity))
         self._origin = array("H", bytes(2 * capacity))
         self._seq = array("Q", bytes(8 * capacity))
+        self._correlation_id = [None] * capacity
+        self._slot_of = {}            # correlationId -> appended-index of its record (held records only)
         self._appended = 0            # records ever written; slot = appended % capacity
         self._first_live = 0          # appended-index of the oldest record still held
         self._epochs = []             # origin index -> epoch name
@@ -65,21 +88,36 @@ class PaymentStore:
         self.overwritten = 0          # records lost to wrap-around (purges not counted)
 
     # ----- writing -------------------------------------------------------------------
-    def record_local(self, requested_at_ms, cents, processor):
-        """Store a payment this instance had confirmed; returns it for the peer."""
+    def record_local(self, correlation_id, requested_at_ms, cents, processor):
+        """Store a payment this instance had confirmed; the record (for the peer), or None when
+        a record of this correlationId is already held."""
+        if correlation_id in self._slot_of:
+            return None
         self._local_seq += 1
-        record = (self.local_epoch, self._local_seq, requested_at_ms, cents, processor)
+        record = (self.local_epoch, self._local_seq, requested_at_ms, cents, processor, correlation_id)
         self._append(*record)
         return record
 
-    def ingest(self, epoch, seq, requested_at_ms, cents, processor):
-        """Store a record from the peer unless already held; True if it was new."""
+    def ingest(self, epoch, seq, requested_at_ms, cents, processor, correlation_id):
+        """Store a record from the peer; True if it was new. One already held (by its name or by its
+        correlationId) is refused, but still counts as seen for the high-water mark."""
         if seq <= self._high_water.get(epoch, 0):
             return False
-        self._append(epoch, seq, requested_at_ms, cents, processor)
+        if correlation_id in self._slot_of:
+            self._high_water[epoch] = seq
+            return False
+        self._append(epoch, seq, requested_at_ms, cents, processor, correlation_id)
         return True
 
-    def _append(self, epoch, seq, requested_at_ms, cents, processor):
+    def held(self, correlation_id):
+        """(requested_at_ms, cents, processor) of the record of this correlationId, or None."""
+        index = self._slot_of.get(correlation_id)
+        if index is None:
+            return None
+        slot = index % self.capacity
+        return self._requested_at[slot], self._cents[slot], self._processor[slot]
+
+    def _append(self, epoch, seq, requested_at_ms, cents, processor, correlation_id):
         if self._appended - self._first_live == self.capacity:
             self._evict_oldest()
         origin = self._epoch_index.get(epoch)
@@ -87,7 +125,9 @@ class PaymentStore:
             origin = self._epoch_index[epoch] = len(self._epochs)
             self._epochs.append(epoch)
         slot = self._appended % self.capacity
+        self._slot_of[correlation_id] = self._appended
         self._appended += 1
+        self._correlation_id[slot] = correlation_id
         self._requested_at[slot] = requested_at_ms
         self._cents[slot] = cents
         self._processor[slot] = processor
@@ -110,6 +150,8 @@ class PaymentStore:
 
     def _evict_oldest(self):
         slot = self._first_live % self.capacity
+        del self._slot_of[self._correlation_id[slot]]
+        self._correlation_id[slot] = None
         self._first_live += 1
         self.overwritten += 1
         requested_at_ms = self._requested_at[slot]
@@ -132,6 +174,8 @@ class PaymentStore:
     def purge(self):
         """Forget every record (sequence watermarks stay, see _high_water)."""
         self._first_live = self._appended
+        self._slot_of.clear()
+        self._correlation_id = [None] * self.capacity
         self._buckets.clear()
         self._blocks.clear()
         self._all = _Totals()
@@ -204,7 +248,7 @@ class PaymentStore:
         return dict(self._high_water)
 
     def records_above(self, peer_high_water):
-        """Held records the peer lacks, oldest first, as (epoch, seq, ts, cents, proc).
+        """Held records the peer lacks, oldest first, as (epoch, seq, ts, cents, proc, correlationId).
 
         The range is fixed now: records written later travel on the live path.
         """
@@ -221,8 +265,16 @@ class PaymentStore:
             epoch = epochs[self._origin[slot]]
             seq = self._seq[slot]
             if seq > peer_high_water.get(epoch, 0):
-                yield (epoch, seq, self._requested_at[slot], self._cents[slot], self._processor[slot])
+                yield (epoch, seq, self._requested_at[slot], self._cents[slot], self._processor[slot],
+                       self._correlation_id[slot])
             index += 1
+
+    def records_page(self, offset, limit):
+        """Up to `limit` held records, oldest first, from the offset-th: (records, next offset or None)."""
+        start = self._first_live + offset
+        end = min(self._appended, start + limit)
+        page = list(self._records_between(start, end, {}))
+        return page, (offset + limit if end < self._appended else None)
 
     # ----- figures -------------------------------------------------------------------
     def __len__(self):

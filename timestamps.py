@@ -1,15 +1,26 @@
-"""ISO-8601 timestamps <-> integer milliseconds since the epoch (UTC).
+"""ISO-8601 timestamps <-> integer milliseconds since the epoch (UTC), read as the processors read them.
 
 Payments are sent to the processors with millisecond `requestedAt` values and
-stored as those integers, so a summary bound must be turned into the same unit
-without rounding a record across it: `from` rounds up, `to` rounds down.
+stored as those integers. A summary bound is read with the processors' own
+grammar (the one simulator.py models), so that a window means the same set of
+payments here and there:
+
+    YYYY-MM-DD [(T|t|space) hh:mm [:ss [(.|,) fraction]]] [Z | z | (+|-)hh[[:]mm]]
+
+no zone meaning UTC, ASCII digits only, the fraction cut to microseconds (the
+processors keep microseconds). Anything else (basic format, week or ordinal
+dates, hour 24, second 60) is refused. A bound is then turned into whole
+milliseconds without moving a record across it: `from` rounds up, `to` down.
 """
 import re
 import time
-from datetime import datetime, timezone
+from datetime import date
 
-_FRACTION = re.compile(r"\.(\d+)")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_TIMESTAMP = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})"
+    r"(?:[Tt ]([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:[.,]([0-9]+))?)?)?"
+    r"(?:([Zz])|([+-])([0-9]{2})(?::?([0-9]{2}))?)?\Z")
+_EPOCH_DAY = date(1970, 1, 1).toordinal()
 
 
 def now_ms():
@@ -22,30 +33,32 @@ def format_ms(ms):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % millis
 
 
-def _parse_ns(text):
-    """Exact nanoseconds since the epoch; naive or date-only means UTC. ValueError if malformed."""
-    if not isinstance(text, str) or not 10 <= len(text) <= 64:
+def parse_us(text):
+    """Microseconds since the epoch; ValueError when the processors would refuse the text."""
+    match = _TIMESTAMP.match(text) if isinstance(text, str) else None
+    if match is None:
         raise ValueError("not an ISO-8601 timestamp")
-    fraction_ns = 0
-    match = _FRACTION.search(text)
-    if match:
-        digits = match.group(1)
-        # Digits beyond nanoseconds cannot change a millisecond bound except by
-        # being non-zero; keep one extra nanosecond to stand for them.
-        fraction_ns = int(digits[:9].ljust(9, "0")) + (1 if digits[9:].strip("0") else 0)
-        text = text[: match.start()] + text[match.end():]
-    parsed = datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    delta = parsed - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + fraction_ns
+    year, month, day, hour, minute, second, fraction, _, sign, offset_h, offset_m = match.groups()
+    days = date(int(year), int(month), int(day)).toordinal() - _EPOCH_DAY    # ValueError: no such day
+    hour, minute, second = int(hour or 0), int(minute or 0), int(second or 0)
+    if hour > 23 or minute > 59 or second > 59:
+        raise ValueError("time of day out of range")
+    seconds = days * 86_400 + hour * 3600 + minute * 60 + second
+    if sign:
+        offset_h, offset_m = int(offset_h), int(offset_m or 0)
+        if offset_h > 23 or offset_m > 59:
+            raise ValueError("offset out of range")
+        offset = offset_h * 3600 + offset_m * 60
+        seconds += -offset if sign == "+" else offset
+    micros = int(fraction[:6].ljust(6, "0")) if fraction else 0
+    return seconds * 1_000_000 + micros
 
 
 def parse_lower_bound_ms(text):
     """Smallest whole millisecond >= the timestamp (an inclusive `from`)."""
-    return -((-_parse_ns(text)) // 1_000_000)
+    return -((-parse_us(text)) // 1000)
 
 
 def parse_upper_bound_ms(text):
     """Largest whole millisecond <= the timestamp (an inclusive `to`)."""
-    return _parse_ns(text) // 1_000_000
+    return parse_us(text) // 1000

@@ -22,7 +22,7 @@ RATE_PER_S = 500
 def fill(store, count, rng):
     for i in range(count):
         ts = T0 + i * 1000 // RATE_PER_S + rng.randint(-2000, 0)
-        store.record_local(ts, 1990, 0 if rng.random() < 0.9 else 1)
+        store.record_local("%032x" % rng.getrandbits(128), ts, 1990, 0 if rng.random() < 0.9 else 1)
     return T0 + count * 1000 // RATE_PER_S
 
 

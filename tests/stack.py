@@ -150,10 +150,13 @@ class Instance:
         self.process = None
         self.start()
 
-    def start(self):
+    def start(self, wait=True):
+        """Start the process; with wait, until /health answers 200 (the instance is ready)."""
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py")], env=self.env,
                                         stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if not wait:
+            return
         try:
             wait_until(lambda: self.get("/health")[0] == 200, what="instance %d" % self.instance_id)
         except BaseException:
@@ -367,6 +370,9 @@ class PeerProxy:
     drop() severs every current connection (both ends see the link go, as if
     the peer had died, but neither instance loses anything in memory);
     block()/unblock() make new connections fail meanwhile.
+    delay_s holds what the dialing instance sends for that long before passing it on (in order);
+    hold_prefix (bytes) keeps back every line the dialing instance sends that starts with it
+    (e.g. b'["E"', the end of a resync), until hold_prefix is set to None.
     """
 
     def __init__(self, path, upstream):
@@ -374,6 +380,9 @@ class PeerProxy:
         self.upstream = upstream
         self.connections = 0
         self.drops = 0
+        self.delay_s = 0.0
+        self.hold_prefix = None
+        self.held = []                # lines kept back by hold_prefix
         self._lock = threading.Lock()
         self._pairs = []
         self._listener = None
@@ -415,6 +424,12 @@ class PeerProxy:
         self.block()
         self.drop()
 
+    def _held(self, line, prefix):
+        if line.startswith(prefix):
+            self.held.append(line)
+            return True
+        return False
+
     def _accept(self, listener):
         while self._listener is listener and not self._stopped:
             try:
@@ -436,15 +451,27 @@ class PeerProxy:
                 self._pairs.append(pair)
                 self.connections += 1
             done = []
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst, pair, done), daemon=True).start()
+            for src, dst, outgoing in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, pair, done, outgoing), daemon=True).start()
 
-    def _pump(self, src, dst, pair, done):
+    def _pump(self, src, dst, pair, done, outgoing):
+        partial = b""
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if outgoing and self.delay_s:
+                    time.sleep(self.delay_s)
+                prefix = self.hold_prefix
+                if outgoing and prefix is not None:
+                    lines = (partial + data).split(b"\n")
+                    partial = lines.pop()
+                    data = b"".join(line + b"\n" for line in lines if not self._held(line, prefix))
+                    if not data:
+                        continue
+                elif partial:
+                    data, partial = partial + data, b""
                 dst.sendall(data)
         except OSError:
             pass

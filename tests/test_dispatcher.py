@@ -7,10 +7,11 @@ import asyncio
 import socket
 import uuid
 
+import orjson
 import uvloop
 
 from config import Settings
-from payments import ACCEPTED, PaymentBook
+from payments import ACCEPTED, Payment, PaymentBook, left_behind, replica_entry
 from processors import Breaker, Dispatcher, ProcessorClient
 from store import PaymentStore
 
@@ -66,14 +67,48 @@ def test_an_adopted_payment_keeps_its_acceptance_time_never_one_in_the_future():
         assert origin.accept(cid, 100, accepted_at) == ACCEPTED
     heir = PaymentBook(100, 100)
     for payment in origin.take_all_pending():
-        assert heir.adopt(payment.to_wire(), 20.0)
+        assert heir.adopt(Payment.from_wire(payment.to_wire(), 20.0))
     assert heir.get("a" * 36).accepted_at == 10.0      # the wait at the origin counts
     assert heir.get("b" * 36).accepted_at == 20.0      # a clock ahead of ours: now, not later
 
 
-def test_a_payment_from_an_earlier_version_without_an_acceptance_time_is_adopted():
-    heir = PaymentBook(100, 100)
-    wire = ["c" * 36, 250, [None, None], [False, False], None, 0, None]     # before accepted_at
-    assert heir.adopt(wire, 5.0)
-    payment = heir.get("c" * 36)
-    assert (payment.cents, payment.accepted_at, heir.pending) == (250, 5.0, 1)
+def test_the_wire_form_carries_every_exactly_once_field():
+    payment = Payment("c" * 36, 250, 3.0)
+    payment.requested_at = [1752150896789, None]
+    payment.ambiguous = [True, False]
+    payment.unverified = [False, True]
+    payment.pinned, payment.attempts, payment.last_error = 0, 3, "default: HTTP 500"
+    back = Payment.from_wire(orjson.loads(orjson.dumps(payment.to_wire())), 5.0)
+    assert {name: getattr(back, name) for name in Payment.__slots__} == \
+        {name: getattr(payment, name) for name in Payment.__slots__}
+
+
+def test_an_inherited_payment_in_flight_is_pinned_where_it_may_be():
+    payment = Payment("d" * 36, 100, 1.0)
+    payment.requested_at = [1752150896789, None]
+    heir = left_behind(replica_entry_of(payment, in_flight_to=0), 2.0)
+    assert heir.pinned == 0 and heir.ambiguous == [True, False] and heir.requested_at == payment.requested_at
+
+
+def test_a_copy_accepted_here_takes_the_pin_of_the_peers_copy():
+    book = PaymentBook(100, 100)
+    assert book.accept("e" * 36, 100, 1.0) == ACCEPTED
+    theirs = Payment("e" * 36, 100, 0.5)
+    theirs.requested_at, theirs.ambiguous, theirs.pinned = [1752150896789, None], [True, False], 0
+    assert not book.adopt(theirs)
+    mine = book.get("e" * 36)
+    assert (mine.pinned, mine.ambiguous, mine.requested_at) == (0, [True, False], [1752150896789, None])
+    assert not book.ready and list(book.pinned[0]) == [mine] and book.pending == 1
+
+
+def test_a_withdrawn_acceptance_is_forgotten():
+    book = PaymentBook(100, 100)
+    assert book.accept("f" * 36, 100, 1.0) == ACCEPTED
+    assert book.withdraw(book.get("f" * 36))
+    assert book.get("f" * 36) is None and not book.ready and book.pending == 0
+    assert book.accept("f" * 36, 200, 2.0) == ACCEPTED      # never accepted: free to be accepted anew
+
+
+def replica_entry_of(payment, in_flight_to):
+    payment.in_flight_to = in_flight_to
+    return replica_entry(payment)

@@ -185,16 +185,26 @@ def test_ambiguous_outcomes_are_counted_once(make_stack):
     assert infos[0]["attempts"] >= 2 and "no definite answer" in (infos[0]["lastError"] or "")
 
 
-def test_processor_already_holding_the_id_is_dead_lettered_not_counted(stack):
-    p = payment(1.00)
-    status, _, _ = request(stack.default.port, "POST", "/payments",
-                           dict(p, requestedAt=format_ms(now_ms())))
-    assert status == 200
-    assert stack.post_payment(p)[0] == 202
-    wait_until(lambda: stack.pending() == 0, what="dead letter")
-    info = json.loads(request(stack.port, "GET", "/payments/" + p["correlationId"])[2])
-    assert info["status"] == "dead_letter" and "422" in info["lastError"]
-    assert stack.summary()["default"]["totalRequests"] == 0
+def test_processor_already_holding_the_id_is_counted_with_what_it_holds(stack):
+    """A 422 means the processor holds the id: with the same amount it is this payment, counted
+    once with the requestedAt the processor holds (GET /payments/{id}); with another amount it
+    is not this payment: a dead letter, not counted."""
+    same, other = payment(1.00), payment(1.00)
+    stored_at = "2025-07-10T12:34:56.789Z"
+    for p, amount in ((same, 1.00), (other, 3.00)):
+        status, _, _ = request(stack.default.port, "POST", "/payments",
+                               {"correlationId": p["correlationId"], "amount": amount, "requestedAt": stored_at})
+        assert status == 200
+        assert stack.post_payment(p)[0] == 202
+    wait_until(lambda: stack.pending() == 0, what="both settled")
+    time.sleep(0.1)
+    paid = json.loads(request(stack.port, "GET", "/payments/" + same["correlationId"])[2])
+    assert paid["status"] == "paid" and paid["requestedAt"] == stored_at
+    dead = json.loads(request(stack.port, "GET", "/payments/" + other["correlationId"])[2])
+    assert dead["status"] == "dead_letter" and "another amount" in dead["lastError"]
+    assert stack.summary()["default"]["totalRequests"] == 1
+    window = "?from=%s&to=%s" % (stored_at, stored_at)
+    assert stack.summary(window)["default"]["totalRequests"] == 1
 
 
 def test_purge_reaches_both_instances(stack):

@@ -11,72 +11,13 @@ and records its figures with record_metrics (results/reliability.jsonl), which
 docs/RELIABILITY.md quotes. Longer versions: `make chaos` (scripts/chaos.py).
 """
 import datetime as dt
-import json
 import signal
 import time
 
 import pytest
 
-from stack import (Load, Stack, books, instance_health, own_figures, payment, proc_stats, record_metrics, request,
-                   scaled, stop_fast, summary_count, wait_until)
-
-
-@pytest.fixture
-def stacks(short_dir):
-    """Like make_stack, but torn down without the simulators' slow graceful exit."""
-    made = []
-
-    def factory(**kwargs):
-        s = Stack(short_dir, **kwargs)
-        made.append(s)
-        return s
-    yield factory
-    for s in made:
-        stop_fast(s)
-
-
-def live(stack):
-    return [i for i in stack.instances if i.process.poll() is None]
-
-
-def drain(stack, timeout=30.0):
-    """Wait until no live instance holds a pending payment and both summaries agree; seconds taken."""
-    started = time.monotonic()
-    wait_until(lambda: all(instance_health(i)["pending"] == 0 for i in live(stack)), timeout=timeout,
-               what="queues to drain")
-    wait_until(lambda: len({json.dumps(i.summary(), sort_keys=True) for i in live(stack)}) == 1, timeout=10,
-               what="instances to agree")
-    return time.monotonic() - started
-
-
-def audit(stack, load=None, accepted=None, unknown=()):
-    """The books after the faults: (figures, stored ids). See the module docstring."""
-    stored, paid_twice = books(stack)
-    accepted = set(accepted if accepted is not None else load.accepted)
-    unknown = set(load.unknown if load is not None else unknown)
-    reported = stack.instances[0].summary() if stack.instances[0].process.poll() is None \
-        else stack.instances[1].summary()
-    figures = {
-        "accepted": len(accepted),
-        "stored": len(stored),
-        "paid_twice": paid_twice,
-        "lost": len(accepted - set(stored)),
-        "stored_not_accepted": len(set(stored) - accepted - unknown),
-        "missing_from_summary": len(stored) - summary_count(reported),
-    }
-    for name in ("default", "fallback"):
-        figures["reported_" + name] = reported[name]["totalRequests"]
-    return figures, stored
-
-
-def assert_books_exact(stack, figures):
-    assert figures["paid_twice"] == 0, figures
-    assert figures["lost"] == 0, figures
-    assert figures["stored_not_accepted"] == 0, figures
-    assert figures["missing_from_summary"] == 0, figures
-    for name, sim in (("default", stack.default), ("fallback", stack.fallback)):
-        admin = sim.summary()
-        assert figures["reported_" + name] == admin["totalRequests"], (name, figures, admin)
+from checks import assert_books_exact, audit, drain, post_payments
+from stack import Load, instance_health, own_figures, proc_stats, record_metrics, scaled, summary_count, wait_until
 
 
 # ----- kill -9 ----------------------------------------------------------------------------
@@ -221,15 +162,6 @@ def test_kill9_before_the_dispatch_pass_the_peer_pays_with_the_claimed_requested
     assert len(stored) == 10 and not stack.fallback.payments()
     requested = [dt.datetime.fromisoformat(p["requestedAt"].replace("Z", "+00:00")).timestamp() for p in stored]
     assert all(t_first - 0.002 <= r <= t_last + 0.002 for r in requested), (t_first, requested, t_last)
-
-
-def post_payments(instance, count, amount=4.00):
-    ids = []
-    for _ in range(count):
-        p = payment(amount)
-        assert instance.post("/payments", p)[0] == 202
-        ids.append(p["correlationId"])
-    return ids
 
 
 def test_sigterm_never_loses_a_payment_answered_202_on_a_kept_alive_connection(stacks):

@@ -262,7 +262,7 @@ def test_failing_processor_shows_in_circuit_error_rate_queue_and_age(make_stack)
     assert all(r["error_rate"] == 1.0 for r in recent if r["requests"])
     samples, _ = parse_exposition(request(stack.port, "GET", "/metrics")[2].decode())
     assert value(samples, "rinha_queue_pending") == 40
-    assert value(samples, "rinha_processor_requests_total", processor="default", outcome="failed") >= 3
+    assert value(samples, "rinha_processor_requests_total", processor="default", outcome="server_error") >= 3
     assert value(samples, "rinha_processor_recent_error_rate", instance=1, processor="default") == 1
     stack.default.configure(failure=False)
     stack.wait_drained(timeout=40)
@@ -274,8 +274,8 @@ def test_failing_processor_shows_in_circuit_error_rate_queue_and_age(make_stack)
 
 def test_dead_letters_are_counted_per_processor(stack):
     taken = payment(4.00)
-    status, _, _ = request(stack.default.port, "POST", "/payments",
-                           dict(taken, requestedAt="2026-01-01T00:00:00.000Z"))
+    status, _, _ = request(stack.default.port, "POST", "/payments",      # the id, with another amount
+                           dict(taken, amount=5.00, requestedAt="2026-01-01T00:00:00.000Z"))
     assert status == 200
     assert stack.post_payment(taken)[0] == 202
     stack.wait_drained()

@@ -108,9 +108,9 @@ def test_replay_is_off_without_a_token(stack):
 def test_replayed_dead_letter_is_paid_once_the_cause_is_gone(make_stack):
     stack = make_stack(ADMIN_TOKEN="t")
     p = payment(9.99)
-    # the processor already holds this id (another system paid it): first a dead letter
+    # the processor already holds this id with another amount (another system paid it): a dead letter
     assert request(stack.default.port, "POST", "/payments",
-                   dict(p, requestedAt="2025-07-10T12:00:00.000Z"))[0] == 200
+                   dict(p, amount=1.00, requestedAt="2025-07-10T12:00:00.000Z"))[0] == 200
     assert stack.post_payment(p)[0] == 202
     wait_until(lambda: json.loads(request(stack.port, "GET", "/payments/" + p["correlationId"])[2])["status"]
                == "dead_letter")

@@ -1,3 +1,4 @@
+import itertools
 import random
 
 import pytest
@@ -6,6 +7,11 @@ from hypothesis import given, settings, strategies as st
 from store import DEFAULT, FALLBACK, PaymentStore
 
 T0 = 1752150896000
+_ids = itertools.count()
+
+
+def new_id():
+    return "id-%d" % next(_ids)
 
 
 def brute_force(records, lo, hi):
@@ -27,7 +33,7 @@ bound = st.one_of(st.none(), st.integers(T0 - 60_000, T0 + 60_000))
 def test_summary_equals_brute_force(records, lo, hi):
     store = PaymentStore(1000, "e")
     for ts, c, p in records:
-        store.record_local(ts, c, p)
+        store.record_local(new_id(), ts, c, p)
     totals = store.summary(lo, hi)
     assert (totals.count, totals.cents) == brute_force(records, lo, hi)
 
@@ -37,7 +43,7 @@ def test_summary_equals_brute_force(records, lo, hi):
 def test_wraparound_keeps_only_the_newest(records, lo, hi, capacity):
     store = PaymentStore(capacity, "e")
     for ts, c, p in records:
-        store.record_local(ts, c, p)
+        store.record_local(new_id(), ts, c, p)
     kept = records[-capacity:] if records else []
     totals = store.summary(lo, hi)
     assert (totals.count, totals.cents) == brute_force(kept, lo, hi)
@@ -47,7 +53,7 @@ def test_wraparound_keeps_only_the_newest(records, lo, hi, capacity):
 
 def test_inclusive_bounds_at_the_millisecond():
     store = PaymentStore(10, "e")
-    store.record_local(T0, 1990, DEFAULT)
+    store.record_local(new_id(), T0, 1990, DEFAULT)
     assert store.summary(T0, T0).count == [1, 0]
     assert store.summary(T0 + 1, None).count == [0, 0]
     assert store.summary(None, T0 - 1).count == [0, 0]
@@ -56,19 +62,19 @@ def test_inclusive_bounds_at_the_millisecond():
 
 def test_purge_forgets_records_but_not_what_was_seen():
     store = PaymentStore(10, "local")
-    store.record_local(T0, 100, DEFAULT)
-    assert store.ingest("peer", 1, T0, 200, FALLBACK)
+    store.record_local(new_id(), T0, 100, DEFAULT)
+    assert store.ingest("peer", 1, T0, 200, FALLBACK, "x")
     store.purge()
     assert len(store) == 0 and store.summary().count == [0, 0]
-    assert not store.ingest("peer", 1, T0, 200, FALLBACK), "a purged record must not come back"
-    assert store.ingest("peer", 2, T0, 300, FALLBACK)
+    assert not store.ingest("peer", 1, T0, 200, FALLBACK, "x"), "a purged record must not come back"
+    assert store.ingest("peer", 2, T0, 300, FALLBACK, "y")
     assert store.summary().cents == [0, 300]
 
 
 def test_resync_sends_exactly_what_the_peer_lacks():
     a, b = PaymentStore(100, "a"), PaymentStore(100, "b")
     for i in range(10):
-        a.record_local(T0 + i, 100 + i, i % 2)
+        a.record_local(new_id(), T0 + i, 100 + i, i % 2)
     # b got the first four over the link, then the link dropped
     for record in list(a.records_above({}))[:4]:
         assert b.ingest(*record)
@@ -82,8 +88,8 @@ def test_resync_sends_exactly_what_the_peer_lacks():
 def test_restarted_peer_gets_its_old_records_back():
     a, b1 = PaymentStore(100, "a"), PaymentStore(100, "b1")
     for i in range(5):
-        a.ingest(*b1.record_local(T0 + i, 100, DEFAULT))
-        b1.ingest(*a.record_local(T0 + i, 200, FALLBACK))
+        a.ingest(*b1.record_local(new_id(), T0 + i, 100, DEFAULT))
+        b1.ingest(*a.record_local(new_id(), T0 + i, 200, FALLBACK))
     b2 = PaymentStore(100, "b2")                 # b restarted with nothing
     for record in a.records_above(b2.high_water()):
         b2.ingest(*record)
@@ -94,11 +100,11 @@ def test_restarted_peer_gets_its_old_records_back():
 def test_records_above_skips_what_is_overwritten_meanwhile():
     store = PaymentStore(5, "e")
     for i in range(5):
-        store.record_local(T0 + i, 1, DEFAULT)
+        store.record_local(new_id(), T0 + i, 1, DEFAULT)
     pending = store.records_above({})
     first = next(pending)
     for i in range(3):                          # overwrites seq 1..3 while iterating
-        store.record_local(T0 + 10 + i, 1, DEFAULT)
+        store.record_local(new_id(), T0 + 10 + i, 1, DEFAULT)
     assert [first[1]] + [r[1] for r in pending] == [1, 4, 5]
 
 
@@ -110,7 +116,7 @@ def test_large_store_matches_brute_force_on_windows():
         ts = T0 + i * 3 + rng.randint(-2000, 2000)   # mostly increasing, some out of order
         rec = (ts, rng.randint(1, 5000), rng.randint(0, 1))
         records.append(rec)
-        store.record_local(*rec)
+        store.record_local(new_id(), *rec)
     for _ in range(20):
         lo = T0 + rng.randint(-5000, 300_000)
         hi = lo + rng.randint(0, 100_000)
@@ -121,3 +127,26 @@ def test_large_store_matches_brute_force_on_windows():
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError):
         PaymentStore(0, "e")
+
+
+def test_one_record_per_correlation_id_whatever_path_it_comes_by():
+    a, b = PaymentStore(100, "a"), PaymentStore(100, "b")
+    first = a.record_local("x", T0, 1990, DEFAULT)
+    assert a.record_local("x", T0 + 5, 1990, DEFAULT) is None        # settled again here
+    theirs = b.record_local("x", T0, 1990, DEFAULT)                  # settled at the peer too
+    assert not a.ingest(*theirs) and not b.ingest(*first)
+    assert a.summary().count == b.summary().count == [1, 0]
+    assert a.held("x") == b.held("x") == (T0, 1990, DEFAULT)
+    # a refused record still counts as seen: a resync does not send it again
+    assert list(b.records_above(a.high_water())) == []
+    assert a.held("y") is None
+
+
+def test_an_overwritten_or_purged_record_frees_its_correlation_id():
+    store = PaymentStore(2, "e")
+    for cid in ("x", "y", "z"):
+        store.record_local(cid, T0, 1, DEFAULT)
+    assert store.held("x") is None and store.held("z") is not None
+    assert store.record_local("x", T0, 1, DEFAULT) is not None
+    store.purge()
+    assert store.held("x") is None and store.record_local("x", T0, 1, DEFAULT) is not None

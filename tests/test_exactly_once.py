@@ -1,0 +1,481 @@
+"""Exactly once, against the real stack: the holes an adversarial review of the books found.
+
+Each test reproduces one defect (issue 15) with real processes: HAProxy, two instances, the
+processor simulators and, where the peer link must be cut, delayed or held back, stack.PeerProxy.
+Each failed on the code before its fix; docs/RELIABILITY.md ("Exactly once") states what each
+one guarantees now.
+"""
+import datetime as dt
+import http.client
+import json
+import signal
+import threading
+import time
+import uuid
+from decimal import ROUND_HALF_EVEN, Decimal
+
+from checks import assert_books_exact, audit, drain, post_payments
+from stack import (Load, UnixHTTPConnection, books, instance_health, payment, record_metrics, request,
+                   summary_count, wait_until)
+
+
+def processors_total(stack):
+    return sum(sim.summary()["totalRequests"] for sim in (stack.default, stack.fallback))
+
+
+def lookup(instance, correlation_id):
+    status, _, data = instance.get("/payments/" + correlation_id)
+    return json.loads(data) if status == 200 else None
+
+
+def iso(seconds):
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+# ----- 1. a restarted instance is not ready until it holds the peer's records -------------
+
+def test_a_restarted_instance_answers_no_summary_until_it_holds_the_peers_records(stacks):
+    """kill -9 of api2, restarted at once: until api2 has api1's records up to api1's high-water
+    mark it says 503 on /health and on the summary, never a summary from a partial store, and
+    no summary through port 9999 is wrong meanwhile."""
+    stack = stacks()
+    one, two = stack.instances
+    load = Load(stack.port, rate=400, workers=8)
+    load.start()
+    time.sleep(1.5)
+    load.stop()
+    drain(stack)
+    expected = one.summary()
+    assert summary_count(expected) == processors_total(stack) > 300
+
+    wrong_through_haproxy, through_haproxy = [], 0
+    stop = threading.Event()
+
+    def ask_haproxy():
+        nonlocal through_haproxy
+        while not stop.is_set():
+            try:
+                status, _, data = request(stack.port, "GET", "/payments-summary", timeout=2)
+            except OSError:
+                continue
+            if status == 200:
+                through_haproxy += 1
+                if json.loads(data) != expected:
+                    wrong_through_haproxy.append(json.loads(data))
+    asker = threading.Thread(target=ask_haproxy, daemon=True)
+    asker.start()
+
+    two.kill()
+    restarted_at = time.monotonic()
+    two.start(wait=False)
+    answers = []                          # (seconds since restart, what, status, correct)
+    ready_at = correct_at = None
+    deadline = restarted_at + 15
+    while time.monotonic() < deadline:
+        try:
+            health = two.get("/health")
+            summary = two.get("/payments-summary")
+        except OSError:
+            continue                      # not listening yet
+        at = time.monotonic() - restarted_at
+        correct = summary[0] == 200 and json.loads(summary[2]) == expected
+        answers.append((round(at, 4), health[0], summary[0], correct))
+        if correct and correct_at is None:
+            correct_at = at
+        if health[0] == 200 and ready_at is None:
+            ready_at = at
+        if ready_at is not None and at > ready_at + 1.0:
+            break
+    stop.set()
+    asker.join(5)
+    record_metrics("restart-not-ready-until-resynchronised", restart_to_ready_s=ready_at,
+                   restart_to_correct_summary_s=correct_at, answers_before_ready=sum(
+                       1 for a in answers if ready_at is None or a[0] < ready_at),
+                   summaries_through_haproxy=through_haproxy, wrong_through_haproxy=len(wrong_through_haproxy))
+    assert ready_at is not None and correct_at is not None, answers[-5:]
+    wrong = [a for a in answers if a[2] == 200 and not a[3]]
+    assert wrong == [], "summaries answered from a partial store: %s" % wrong[:5]
+    early = [a for a in answers if a[1] == 200 and a[0] < correct_at]
+    assert early == [], "/health said ready before the records were in: %s" % early[:5]
+    assert json.loads(two.get("/health")[2])["status"] == "ok"
+    assert wrong_through_haproxy == [], wrong_through_haproxy[:3]
+    assert through_haproxy > 0
+
+
+# ----- 2. a 202 only once the acceptance has left the process -------------------------------
+
+def send_concurrently(target, bodies, threads, deadline_s):
+    """POST bodies over `threads` kept-alive connections to a Unix socket until deadline_s;
+    returns {correlationId: status or None (no answer)}."""
+    results = {}
+    work = list(bodies)
+    lock = threading.Lock()
+    deadline = time.monotonic() + deadline_s
+
+    def run():
+        conn = None
+        while time.monotonic() < deadline:
+            with lock:
+                if not work:
+                    break
+                body = work.pop()
+            cid = body["correlationId"]
+            try:
+                if conn is None:
+                    conn = UnixHTTPConnection(target, timeout=3)
+                conn.request("POST", "/payments", json.dumps(body), {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                results[cid] = response.status
+            except (OSError, http.client.HTTPException):
+                results[cid] = None
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+    workers = [threading.Thread(target=run, daemon=True) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    return workers, results
+
+
+def test_a_202_is_written_only_once_the_acceptance_is_in_the_kernel(stacks):
+    """The peer stops reading (SIGSTOP): its socket buffer fills, and api1 must not answer 202
+    for a payment whose acceptance sits in its own memory. api1 is then killed -9 and the peer
+    resumed: every payment answered 202 is paid exactly once and reported, none dead-lettered."""
+    stack = stacks(with_haproxy=False)
+    one, two = stack.instances
+    two.process.send_signal(signal.SIGSTOP)
+    try:
+        bodies = [payment(3.00) for _ in range(3000)]
+        workers, results = send_concurrently(one.socket, bodies, threads=12, deadline_s=0.6)
+        time.sleep(0.6)
+        figures_before_kill = instance_health(one)
+        one.kill()
+        for w in workers:
+            w.join(5)
+    finally:
+        two.process.send_signal(signal.SIGCONT)
+    accepted = [cid for cid, status in results.items() if status == 202]
+    unknown = [cid for cid, status in results.items() if status is None]
+    wait_until(lambda: "is gone: inherited" in two.log(), timeout=10, what="api2 to inherit")
+    drain(stack)
+    figures, stored = audit(stack, accepted=accepted, unknown=unknown)
+    dead = [cid for cid in accepted if (lookup(two, cid) or {}).get("status") == "dead_letter"]
+    record_metrics("peer-stopped-then-kill9", sent=len(results), unknown=len(unknown),
+                   refused_503=sum(1 for s in results.values() if s == 503), dead_lettered=len(dead),
+                   pending_at_kill=figures_before_kill["pending"], **figures)
+    assert len(accepted) > 50, "the test must have accepted payments before the buffer filled"
+    assert dead == []
+    assert_books_exact(stack, figures)
+
+
+def test_a_peer_that_stops_reading_is_dropped_after_the_stall_limit(stacks):
+    """The peer frozen for longer than PEER_STALL_S: payments wait at most that long, then the
+    link is dropped and the instance runs alone (as when the link is cut); once the peer resumes,
+    the link comes back and both report what the processors hold."""
+    stack = stacks(with_haproxy=False, PEER_STALL_S="0.5")
+    one, two = stack.instances
+    two.process.send_signal(signal.SIGSTOP)
+    try:
+        load = Load(one.socket, rate=600, workers=8, timeout=3).start()
+        time.sleep(2.5)
+        load.stop()
+    finally:
+        two.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: one.peer_up() and two.peer_up(), timeout=10, what="link back")
+    drain(stack)
+    figures, _ = audit(stack, load)
+    slowest = max(load.latencies)
+    record_metrics("peer-stopped-past-the-stall-limit", slowest_answer_s=round(slowest, 3), load=load.report(),
+                   **figures)
+    assert slowest < 0.5 + 0.5, slowest          # bounded waiting
+    assert load.unknown == []
+    assert set(load.refused) <= {503}
+    assert len(load.accepted) > 500              # it ran alone once the link was dropped
+    assert_books_exact(stack, figures)
+
+
+# ----- 3. the audit compares like with like --------------------------------------------------
+
+def test_the_audit_sends_both_bounds_so_a_one_sided_window_shows_no_difference(stacks):
+    stack = stacks(with_haproxy=False, PROCESSOR_ADMIN_TOKEN="123")
+    one = stack.instances[0]
+    post_payments(one, 5)
+    drain(stack)
+    time.sleep(0.05)
+    middle = iso(time.time())
+    time.sleep(0.05)
+    post_payments(one, 3)
+    drain(stack)
+    for query in ("?from=" + middle, "?to=" + middle, "", "?from=" + middle + "&to=2100-01-01T00:00:00.000Z"):
+        report = json.loads(one.get("/report" + query)[2])
+        assert report["audit"]["ok"], (query, report["audit"])
+    # The summary keeps the natural meaning of one bound: the other side is open.
+    assert one.summary("?from=" + middle)["default"]["totalRequests"] == 3
+    assert one.summary("?to=" + middle)["default"]["totalRequests"] == 5
+
+
+# ----- 4. one timestamp grammar, the processors' --------------------------------------------
+
+def test_summary_bounds_read_exactly_as_the_processors_read_them(stacks):
+    stack = stacks(with_haproxy=False)
+    one = stack.instances[0]
+    post_payments(one, 6)
+    drain(stack)
+    stored = sorted(p["requestedAtUs"] for p in stack.default.payments())
+    at = stored[3] // 1000                             # a stored requestedAt, in ms
+    seconds, ms = divmod(at, 1000)
+    base = dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    local = dt.datetime.fromtimestamp(seconds, dt.timezone(dt.timedelta(hours=5, minutes=30)))
+    local_text = local.strftime("%Y-%m-%dT%H:%M:%S")
+    forms = [
+        base + ".%03dZ" % ms, base + ",%03dZ" % ms, base.replace("T", "t") + ".%03dz" % ms,
+        base.replace("T", " ") + ".%03d" % ms, base + ".%03d" % ms, base + ".%03d4Z" % ms,
+        base + ".%03d999999Z" % ms, base + ".%03d0001Z" % ms, base + "Z", base,
+        local_text + ".%03d+05:30" % ms, local_text + ".%03d+0530" % ms,
+        base + ".%03d-00:00" % ms, base[:10], base[:16] + "Z",
+        # forms the processors refuse
+        base.replace("-", "").replace(":", "") + "Z", "2025-W28-4", base + ".%03dZ " % ms + "x",
+        base + "+5", base + ".Z", base[:13] + "Z", "2025-07-10T24:00:00Z", "2025-07-10T12:34:60Z",
+    ]
+    from urllib.parse import quote
+    mismatches = []
+    for lower in forms:
+        for upper in (forms[0], forms[1], forms[6], "2100-01-01T00:00:00Z"):
+            query = "from=%s&to=%s" % (quote(lower), quote(upper))
+            status, _, data = one.get("/payments-summary?" + query)
+            theirs = request(stack.default.port, "GET", "/admin/payments-summary?" + query,
+                             headers={"X-Rinha-Token": "123"})
+            if (status == 200) != (theirs[0] == 200):
+                mismatches.append((lower, upper, status, theirs[0]))
+            elif status == 200:
+                ours = json.loads(data)["default"]["totalRequests"]
+                if ours != json.loads(theirs[2])["totalRequests"]:
+                    mismatches.append((lower, upper, ours, json.loads(theirs[2])["totalRequests"]))
+    assert mismatches == []
+
+
+# ----- 5. a repeat across an instance failure is counted once --------------------------------
+
+def test_a_repeat_after_the_accepting_instance_died_is_not_counted_again(stacks):
+    """X is paid through api1 (both instances hold its record); api1 is killed; X is posted
+    again to api2, whose first attempt would be ambiguous. The books hold one record of X."""
+    stack = stacks(with_haproxy=False, REQUEST_TIMEOUT_PROCESSOR_S="0.5")
+    one, two = stack.instances
+    x = payment(7.00)
+    assert one.post("/payments", x)[0] == 202
+    drain(stack)
+    assert summary_count(two.summary()) == 1
+    one.kill()
+    stack.default.configure(delay=1000)          # an attempt now times out: ambiguous
+    assert two.post("/payments", x)[0] == 202
+    assert two.post("/payments", dict(x, amount=8.00))[0] == 409
+    time.sleep(0.8)
+    stack.default.configure(delay=0)
+    drain(stack)
+    assert summary_count(two.summary()) == processors_total(stack) == 1
+
+
+# ----- 6. a link cut, then the sender dying during its resync ---------------------------------
+
+def test_the_sender_dying_between_its_resync_records_and_their_end_counts_nothing_twice(stacks):
+    """api2 pays X while its link to api1 is cut; when the link returns it resends X's record,
+    but dies (kill -9) before the end of the resync (held back by the proxy). api1, which still
+    held X as in flight at api2, must not record X a second time."""
+    stack = stacks(with_haproxy=False, peer_proxy=True)
+    one, two = stack.instances
+    to_one = stack.proxies[1]                    # api2 dials api1 through it: api2's records and replica
+    stack.default.configure(delay=1000)
+    x = payment(5.00)
+    assert two.post("/payments", x)[0] == 202
+    time.sleep(0.2)                              # api1's replica holds X, at the default processor
+    to_one.block()
+    to_one.drop()
+    wait_until(lambda: (lookup(two, x["correlationId"]) or {}).get("status") == "paid", timeout=10,
+               what="api2 to pay X")
+    to_one.hold_prefix = b'["E"'
+    to_one.unblock()
+    wait_until(lambda: summary_count(one.summary()) == 1, timeout=10, what="X's record to reach api1")
+    assert to_one.held, "the end of the resync must have been held back"
+    two.kill()
+    to_one.hold_prefix = None
+    stack.default.configure(delay=0)
+    two.start()
+    drain(stack)
+    time.sleep(0.5)
+    assert summary_count(one.summary()) == summary_count(two.summary()) == processors_total(stack) == 1
+
+
+# ----- 7. a body naming correlationId twice, or escaped, never splits the instances ----------
+
+def decoy_bodies(cid):
+    pad = " " * 15500
+    return {
+        "duplicate id, decoy first": '{"correlationId":"%s","correlationId":"%s","amount":10.00}' % (uuid.uuid4(), cid),
+        "duplicate id, decoy last": '{"correlationId":"%s","amount":10.00,"correlationId":"%s"}' % (cid, uuid.uuid4()),
+        "duplicate amount": '{"correlationId":"%s","amount":10.00,"amount":20.00}' % cid,
+        "escaped key": '{"correlation\\u0049d":"%s","amount":10.00}' % cid,
+        "escaped key and decoy": '{"correlationId":"%s","correlation\\u0049d":"%s","amount":10.00}' % (uuid.uuid4(), cid),
+        "escaped value": '{"correlationId":"\\u00%x%s","amount":10.00}' % (ord(cid[0]), cid[1:]),
+        "whitespace": ' {\n "correlationId" :\t"%s" ,  "amount" : 10.00 } ' % cid,
+        "upper case": '{"correlationId":"%s","amount":10.00}' % cid.upper(),
+        "amount first": '{"amount":10.00,"correlationId":"%s"}' % cid,
+        "nested decoy": '{"meta":{"correlationId":"%s"},"correlationId":"%s","amount":10.00}' % (uuid.uuid4(), cid),
+        "decoy in a string": '{"note":"\\"correlationId\\":\\"%s\\"","correlationId":"%s","amount":10.00}' % (
+            uuid.uuid4(), cid),
+        "padding before the key": '{' + pad + '"correlationId":"%s","amount":10.00}' % cid,
+        "padding in a field": '{"pad":"%s","correlationId":"%s","amount":10.00}' % ("x" * 15500, cid),
+    }
+
+
+def test_the_instance_that_accepts_a_payment_is_the_one_haproxy_routes_its_id_to(stacks):
+    """Through port 9999, for each body form and several ids: either a 400, or a 202 from the
+    instance that a plain repeat of the id reaches (which then answers 409 for another amount)."""
+    stack = stacks()
+    outcomes = {}
+    for n in range(6):
+        for name, body in decoy_bodies(str(uuid.uuid4())).items():
+            cid = json.loads(body)["correlationId"]      # what a JSON parser keeps (the last of two)
+            status, _, answer = request(stack.port, "POST", "/payments", body)
+            outcomes.setdefault(name, []).append(status)
+            assert status in (202, 400), (name, status, answer)
+            if status == 202:
+                repeat = request(stack.port, "POST", "/payments", {"correlationId": cid.lower(), "amount": 20.00})
+                assert repeat[0] == 409, (name, "a plain repeat reached an instance that did not know it")
+    for name in ("duplicate id, decoy first", "duplicate id, decoy last", "duplicate amount", "escaped key",
+                 "escaped key and decoy"):
+        assert set(outcomes[name]) == {400}, (name, outcomes[name])
+    for name in ("whitespace", "upper case", "amount first", "nested decoy", "decoy in a string", "escaped value"):
+        assert set(outcomes[name]) == {202}, (name, outcomes[name])
+    stack.wait_drained()
+    stored, paid_twice = books(stack)
+    assert paid_twice == 0
+
+
+def test_a_duplicate_key_is_a_400_on_the_instance_itself(stacks):
+    stack = stacks(with_haproxy=False)
+    one = stack.instances[0]
+    cid = str(uuid.uuid4())
+    for body in ('{"correlationId":"%s","correlationId":"%s","amount":1}' % (cid, cid),
+                 '{"correlationId":"%s","amount":1,"amount":1}' % cid):
+        status, _, data = request(one.socket, "POST", "/payments", body)
+        assert status == 400 and b"more than once" in data, data
+    assert lookup(one, cid) is None
+
+
+# ----- 8. amounts are read from their decimal text ------------------------------------------
+
+def test_amounts_are_rounded_half_even_on_their_decimal_text(stacks):
+    stack = stacks(with_haproxy=False)
+    one = stack.instances[0]
+    texts = ["1.005000000000000000001", "1.005", "2.675", "0.125", "0.135", "19.90", "1e1", "12.3456789e1",
+             "0.0150000000000000000000001", "1000000.004999999999999999"]
+    for text in texts:
+        status, _, data = request(one.socket, "POST", "/payments",
+                                  '{"correlationId":"%s","amount":%s}' % (uuid.uuid4(), text))
+        assert status == 202, (text, data)
+    drain(stack)
+    ours = Decimal(str(one.summary()["default"]["totalAmount"]))
+    theirs = Decimal(str(stack.default.summary()["totalAmount"]))
+    oracle = sum(Decimal(t).quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN) for t in texts)
+    assert ours == theirs == oracle
+
+
+# ----- suspected: a purge racing a record in flight ------------------------------------------
+
+def test_a_record_sent_before_a_purge_and_read_after_it_never_splits_the_books(stacks):
+    """api1 pays X; its record to api2 is delayed on the link; meanwhile api2 is purged. The
+    record arrives after the purge: both instances must end with the same books."""
+    stack = stacks(with_haproxy=False, peer_proxy=True)
+    one, two = stack.instances
+    stack.proxies[0].delay_s = 0.4              # what api1 sends to api2 arrives 0.4 s late
+    post_payments(one, 3)
+    time.sleep(0.1)                              # paid at api1, records on their way
+    assert request(two.socket, "POST", "/purge-payments")[0] == 200
+    time.sleep(1.0)
+    stack.proxies[0].delay_s = 0
+    wait_until(lambda: one.summary() == two.summary(), timeout=5, what="the books to agree")
+    time.sleep(0.5)
+    assert one.summary() == two.summary()
+
+
+# ----- suspected: a dead letter's end lost with its instance ----------------------------------
+
+def test_a_payment_the_peer_inherits_after_a_lost_end_is_counted_once(stacks):
+    """X is paid through api2, which then restarts (its book is new; its store has X back from
+    api1). A second copy of X reaches api1 straight to its socket; api1's attempt meets the
+    processor's 422; api1's link to api2 is cut before api2 hears how it ended, and api1 dies.
+    api2 inherits that copy as in flight at the default: X must still be counted once."""
+    stack = stacks(with_haproxy=False, peer_proxy=True)
+    one, two = stack.instances
+    to_two = stack.proxies[0]                    # api1 dials api2 through it: api1's replica at api2
+    x = payment(6.00)
+    assert two.post("/payments", x)[0] == 202
+    drain(stack)
+    two.kill(signal.SIGTERM)
+    two.start()
+    wait_until(lambda: summary_count(two.summary()) == 1, timeout=10, what="api2's resync")
+    stack.default.configure(delay=500)
+    assert one.post("/payments", x)[0] == 202
+    time.sleep(0.15)                             # api2's replica of api1 holds the copy in flight
+    to_two.block()
+    to_two.drop()
+    time.sleep(1.0)                              # the processor has answered api1 by now
+    one.kill()
+    stack.default.configure(delay=0)
+    to_two.unblock()
+    one.start()
+    drain(stack)
+    time.sleep(0.5)
+    assert summary_count(one.summary()) == summary_count(two.summary()) == processors_total(stack) == 1
+
+
+# ----- suspected: a repeat during SIGTERM's grace --------------------------------------------
+
+def test_a_repeat_during_the_shutdown_grace_is_answered_from_what_is_known(stacks):
+    """X is pending at the instance HAProxy routes it to when that instance gets SIGTERM: a repeat
+    through HAProxy in the grace period is answered 202 (same amount) or 409 (another amount),
+    never accepted as a second copy by the peer."""
+    stack = stacks(SHUTDOWN_GRACE_S="3")
+    stack.default.configure(failure=True)
+    stack.fallback.configure(failure=True)
+    two = stack.instances[1]
+    ids = post_payments(two, 20, amount=10.00)   # straight to api2: HAProxy sends repeats to both
+    two.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    for cid in ids:
+        assert stack.post_payment({"correlationId": cid, "amount": 20.00})[0] == 409
+        assert stack.post_payment({"correlationId": cid, "amount": 10.00})[0] == 202
+    two.process.wait(20)
+    stack.default.configure(failure=False)
+    stack.fallback.configure(failure=False)
+    wait_until(lambda: instance_health(stack.instances[0])["pending"] == 0, timeout=30, what="api1 to drain")
+    time.sleep(0.3)
+    stored, paid_twice = books(stack)
+    assert paid_twice == 0
+    assert set(stored) == set(ids)
+    amounts = {p["correlationId"]: p["amount"] for p in stack.default.payments() + stack.fallback.payments()}
+    assert all(amounts[cid] == 10.0 for cid in ids), amounts
+
+
+# ----- suspected: a processor that stores, then fails its answer ------------------------------
+
+def test_a_payment_a_processor_stored_before_failing_its_answer_is_not_paid_twice(stacks):
+    """The default stores each payment and answers 500 (fault fail_after_store); with the eager
+    policy the payments move to the fallback once the default's breaker opens. Before a payment
+    moves, the processor it failed at is asked whether it holds it (GET /payments/{id})."""
+    stack = stacks(FALLBACK_POLICY="eager")
+    stack.default.fault("fail_after_store")
+    ids = []
+    for _ in range(20):
+        p = payment(2.00)
+        assert stack.post_payment(p)[0] == 202
+        ids.append(p["correlationId"])
+    time.sleep(1.0)
+    stack.default.fault("none")
+    drain(stack)
+    figures, stored = audit(stack, accepted=ids)
+    record_metrics("processor-fail-after-store", **figures)
+    assert_books_exact(stack, figures)

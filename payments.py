@@ -103,6 +103,10 @@ def entry_cents(entry):
     return entry[0][1]
 
 
+def wire_cents(wire):
+    return wire[1]
+
+
 def left_behind(entry, now):
     """A pending payment of a peer that died -> the Payment to adopt.
 
@@ -127,6 +131,7 @@ class PaymentBook:
         self.ready = deque()          # PENDING payments free to go to any processor
         self.pinned = (deque(), deque())  # PENDING payments that must stay on one processor
         self._waiting = []            # heap of (due, n, payment) backing off before a retry
+        self._arriving = {}           # correlationId -> cents of payments being adopted, not yet in
         self.in_flight = set()        # payments with an attempt under way (the dispatcher keeps it)
         self._tiebreak = itertools.count()
         self.pending = 0              # PENDING payments, wherever they are (queue, heap, in flight)
@@ -170,6 +175,18 @@ class PaymentBook:
     def get(self, correlation_id):
         return self._index.get(correlation_id)
 
+    def expect(self, cents_by_id):
+        """Payments the peer left or handed over, adopted a chunk per loop step: until each is in,
+        a repeat of it is answered from here (arriving_cents), never accepted as a new copy."""
+        self._arriving.update(cents_by_id)
+
+    def arriving_cents(self, correlation_id):
+        return self._arriving.get(correlation_id)
+
+    def not_arriving(self, correlation_id):
+        """An expected payment that will not be adopted after all (already paid)."""
+        self._arriving.pop(correlation_id, None)
+
     # ----- queue ---------------------------------------------------------------------
     def retry_later(self, payment, due):
         heapq.heappush(self._waiting, (due, next(self._tiebreak), payment))
@@ -201,10 +218,9 @@ class PaymentBook:
         if self._index.get(payment.correlation_id) is payment:
             del self._index[payment.correlation_id]
         queue = self.ready if payment.pinned is None else self.pinned[payment.pinned]
-        try:
-            queue.remove(payment)                # rare: only when the peer stopped reading
-        except ValueError:
-            pass
+        if queue and queue[-1] is payment:       # withdrawn newest first: usually the tail
+            queue.pop()
+        # else it stays queued as WITHDRAWN: the dispatcher skips it (no scan of a long queue)
         self.pending -= 1
         return True
 
@@ -245,7 +261,7 @@ class PaymentBook:
 
     def _not_in_flight(self):
         """PENDING payments in the queues and the backoff heap."""
-        found = list(self.ready) + list(self.pinned[0]) + list(self.pinned[1])
+        found = [p for queue in (self.ready, self.pinned[0], self.pinned[1]) for p in queue if p.state == PENDING]
         found += [entry[2] for entry in self._waiting if entry[2].state == PENDING]
         return found
 
@@ -266,6 +282,7 @@ class PaymentBook:
         book already holds it (a copy accepted here meanwhile takes the peer's exactly-once state,
         see _merge)."""
         correlation_id = payment.correlation_id
+        self._arriving.pop(correlation_id, None)
         known = self._index.get(correlation_id)
         if known is not None and known.state != HANDED_OVER:
             if known.state == PENDING:

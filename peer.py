@@ -15,16 +15,17 @@ epoch) says exactly what a store lacks: a restarted or reconnected peer gets
 everything it missed, and nothing is ever counted twice (the store also holds
 one record per correlationId, whatever path it came by).
 
-Messages are JSON arrays, one per line: ["R", purgedAt, records, finished,
-watched], ["S", processor, report], ["P", purgedAt], ["L", id, correlationId] /
-["l", id, answer], ["H", payments] (pending payments handed over by an
-instance shutting down), ["E", epoch, watched] (the end of the resync). A
+Messages are JSON arrays, one per line: ["R", records, finished, watched],
+["S", processor, report], ["P", purgedAt], ["L", id, correlationId] /
+["l", id, answer], ["H", id, payments] / ["h", id, taken] (pending payments
+handed over by an instance shutting down, and whether the peer took them: it
+does not while it stops too), ["E", epoch, watched] (the end of the resync). A
 hello of another protocol version is refused: the link stays down.
 
-Purges. Every "R" carries the purge its sender had seen when it wrote it; a
-record written before a purge the receiver has seen is dropped, since its
-sender drops it too when that purge reaches it. So a record crossing a purge
-on the wire cannot leave one instance holding what the other purged.
+Purges. A purge is the instant it was asked for (purgedAt, ms); each store
+drops the records with an earlier requestedAt, also those that arrive after the
+purge did (store.py). So a record crossing a purge on the wire, or paid by an
+instance the purge reaches late, ends the same at both.
 
 Readiness. An instance with a peer is not ready (it answers no summary) until
 it holds the peer's records up to the peer's high-water mark ("E" received),
@@ -52,6 +53,7 @@ import asyncio
 import itertools
 import logging
 import os
+from collections import deque
 
 import orjson
 
@@ -60,24 +62,107 @@ from store import record_correlation_id
 from timestamps import now_ms
 
 log = logging.getLogger("peer")
-PROTOCOL = 2              # records carry their correlationId; "R" carries its purge
+PROTOCOL = 2              # records carry their correlationId
 RESYNC_CHUNK = 2000       # records per write while resynchronising (keeps each loop step short)
 LINE_LIMIT = 16 * 1024 * 1024
 RECONNECT_S = 0.25
 LOOKUP_TIMEOUT_S = 0.5
+HAND_OVER_TIMEOUT_S = 2.0
 _LINE = orjson.OPT_APPEND_NEWLINE     # one message per line, without copying it to add the newline
 
 # How a wait for the peer to read ends (replicated()).
 DRAINED, STALLED, LOST = "drained", "stalled", "lost"
 
 
+class _Outgoing:
+    """Our connection to the peer: how many bytes were written to it, how many have left this
+    process (they are in the kernel, which delivers them even if this process dies next), and
+    who waits for which of them: an acceptance's 202, an attempt's request. A waiter that has
+    waited PEER_STALL_S means the peer is not reading: the connection is dropped, and each waiter
+    learns whether its bytes had left (DRAINED) or not (STALLED)."""
+    POLL_S = 0.002
+
+    def __init__(self, writer, stall_s, on_stall):
+        self.writer = writer
+        self._transport = writer.transport
+        self._loop = asyncio.get_running_loop()
+        self._stall_s = stall_s
+        self._on_stall = on_stall
+        self.sent = 0                    # bytes handed to the transport
+        self._waiters = deque()          # (offset, future, since), offsets ascending
+        self._timer = None
+        self.closed = False
+
+    def write(self, data):
+        self._transport.write(data)
+        self.sent += len(data)
+
+    def buffered(self):
+        return self._transport.get_write_buffer_size() > 0
+
+    def _out(self):
+        return self.sent - self._transport.get_write_buffer_size()
+
+    def wait(self, offset):
+        """A future: DRAINED once the first `offset` bytes have left this process; STALLED or LOST
+        if the connection goes first."""
+        future = self._loop.create_future()
+        if self.closed:
+            future.set_result(LOST)
+        elif self._out() >= offset:
+            future.set_result(DRAINED)
+        else:
+            self._waiters.append((offset, future, self._loop.time()))
+            if self._timer is None:
+                self._timer = self._loop.call_later(self.POLL_S, self._poll)
+        return future
+
+    def _poll(self):
+        self._timer = None
+        self._release(self._out())
+        if not self._waiters:
+            return
+        if self._loop.time() - self._waiters[0][2] >= self._stall_s:
+            self._on_stall()
+            self.close(STALLED)
+        else:
+            self._timer = self._loop.call_later(self.POLL_S, self._poll)
+
+    def _release(self, out):
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= out:
+            future = waiters.popleft()[1]
+            if not future.done():
+                future.set_result(DRAINED)
+
+    def close(self, outcome=LOST):
+        """The connection is gone, or (STALLED) dropped here now: what is still buffered never
+        leaves. Waiters whose bytes left are told DRAINED, the others `outcome`, newest first."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._release(self._out())
+        if outcome == STALLED:
+            self._transport.abort()
+        while self._waiters:
+            future = self._waiters.pop()[1]
+            if not future.done():
+                future.set_result(outcome)
+
+
 class _IncomingLink:
     """One connection from the peer: where to answer, and which epoch of the peer sends on it."""
-    __slots__ = ("writer", "epoch")
+    __slots__ = ("writer", "epoch", "superseded")
 
     def __init__(self, writer):
         self.writer = writer
         self.epoch = None
+        # A newer connection of the same epoch has sent its "E": what this one still brings (the
+        # unread tail of a connection its sender dropped) is older, and must not touch the replica.
+        self.superseded = False
 
 
 class PeerLink:
@@ -88,10 +173,10 @@ class PeerLink:
         self._stall_s = settings.peer_stall_s
         self._sync_timeout_s = settings.peer_sync_timeout_s
         self._store = store
-        self._on_purge = on_purge        # apply a purge locally (store + book)
+        self._on_purge = on_purge        # (purgedAt) apply a purge locally (store + book)
         self._on_health = on_health      # (processor, report) from the peer's monitor
         self._on_lookup = on_lookup      # correlationId -> description dict or None
-        self._on_adopt = on_adopt        # list of handed-over payments (wire form)
+        self._on_adopt = on_adopt        # handed-over payments (wire form) -> taken (bool)
         self._pending = pending          # () -> our pending payments (for the peer's replica)
         self._on_inherit = on_inherit    # (epoch, replica entries) of a peer that died
         self.purged_at = 0
@@ -99,6 +184,7 @@ class PeerLink:
         self.synced = False              # we hold the peer's records up to its high-water mark
         self.peer_absent = False         # the peer's socket refused us, or is not there
         self._writer = None
+        self._out = None                 # _Outgoing of the current connection to the peer
         self._syncing = False
         self._batch = []                 # records paid this loop step, flushed once per step
         self._finished = []              # correlationIds no longer pending here, same flush
@@ -108,7 +194,6 @@ class PeerLink:
         self._dead_epochs = set()        # peer epochs known to be gone, to inherit once closed
         self._outbox = []                # records paid while a resync is in progress
         self._flush_scheduled = False
-        self._backlog = None             # a future: how the current wait for the peer to read ends
         self._dial_now = None            # asyncio.Event: the peer connected to us, dial it back now
         self._lookups = {}
         self._lookup_ids = itertools.count(1)
@@ -195,36 +280,25 @@ class PeerLink:
     def backlogged(self):
         """True while something written to the peer is still in this process, not in the kernel:
         an acceptance written now would not survive this process's death."""
-        writer = self._writer
-        return self.link_up and writer.transport.get_write_buffer_size() > 0
+        return self.link_up and self._out.buffered()
 
-    async def replicated(self):
-        """Wait until what was written has left this process: DRAINED, LOST (the link went: nothing
-        more can reach the peer) or STALLED (the peer read nothing for PEER_STALL_S; the link is
-        dropped). At once when nothing is buffered."""
-        if not self.backlogged():
-            return DRAINED
-        if self._backlog is None:
-            self._backlog = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().create_task(self._watch_backlog(self._writer, self._backlog))
-        return await asyncio.shield(self._backlog)
+    def sent_offset(self):
+        """Bytes written to the peer so far on this connection (what replicated() waits for)."""
+        return self._out.sent if self._out is not None else 0
 
-    async def _watch_backlog(self, writer, outcome):
-        try:
-            # The write buffer's high-water mark is 0 (see _run_outgoing): drain() returns once
-            # everything is in the kernel.
-            await asyncio.wait_for(writer.drain(), self._stall_s)
-            result = DRAINED
-        except asyncio.TimeoutError:
-            self.stalls += 1
-            log.warning("peer read nothing for %.1f s: link dropped, carrying on alone", self._stall_s)
-            writer.transport.abort()     # what is still buffered never reaches it
-            result = STALLED
-        except Exception:
-            result = LOST
-        if self._backlog is outcome:
-            self._backlog = None
-        outcome.set_result(result)
+    async def replicated(self, offset=None):
+        """Wait until the first `offset` bytes written (all so far by default) have left this
+        process: DRAINED; STALLED: the peer read nothing for PEER_STALL_S, the link is dropped and
+        those bytes never reach it; LOST: there is no link (this instance runs alone)."""
+        out = self._out
+        if not self.link_up or out is None:
+            return LOST
+        return await asyncio.shield(out.wait(out.sent if offset is None else offset))
+
+    def _stalled(self):
+        self.link_up = False             # from now on this instance runs alone, as after a cut
+        self.stalls += 1
+        log.warning("peer read nothing for %.1f s: link dropped, carrying on alone", self._stall_s)
 
     def _schedule_flush(self):
         if not self._flush_scheduled:
@@ -238,7 +312,7 @@ class PeerLink:
             return
         self._batch, self._finished, self._watched = [], [], []
         if self._writer is not None:
-            self._send(["R", self.purged_at, batch, finished, watched])
+            self._send(["R", batch, finished, watched])
             self.records_sent += len(batch)
 
     def send_health(self, processor, report):
@@ -252,15 +326,20 @@ class PeerLink:
             self._send(["P", self.purged_at])
 
     async def hand_over(self, payments_wire):
-        """Send pending payments to the peer at shutdown; True once they are written out."""
+        """Send pending payments to the peer at shutdown; True once the peer says it took them
+        (it refuses while it is stopping too, and says nothing if the link breaks)."""
         if not self.link_up or not payments_wire:
             return False
-        self._send(["H", payments_wire])
+        request_id = next(self._lookup_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._lookups[request_id] = future
+        self._send(["H", request_id, payments_wire])
         try:
-            await asyncio.wait_for(self._writer.drain(), 2.0)
-        except (asyncio.TimeoutError, OSError, AttributeError):
+            return await asyncio.wait_for(future, HAND_OVER_TIMEOUT_S) is True
+        except asyncio.TimeoutError:
             return False
-        return True
+        finally:
+            self._lookups.pop(request_id, None)
 
     async def drain(self):
         """Push out whatever is buffered (records paid in the last loop steps)."""
@@ -288,7 +367,7 @@ class PeerLink:
 
     def _send(self, message):
         try:
-            self._writer.write(orjson.dumps(message, option=_LINE))
+            self._out.write(orjson.dumps(message, option=_LINE))
         except Exception:
             pass                         # a broken link is noticed by its reader
 
@@ -317,7 +396,9 @@ class PeerLink:
                 log.info("peer link lost: %s", type(exc).__name__)
             finally:
                 self.link_up = False
-                self._writer = None
+                if self._out is not None:
+                    self._out.close()
+                self._writer = self._out = None
                 self._syncing = False
                 self._outbox.clear()
                 self._batch.clear()
@@ -358,24 +439,26 @@ class PeerLink:
         if hello["purgedAt"] > self.purged_at:
             self._apply_purge(hello["purgedAt"])
         self._writer = writer
+        self._out = _Outgoing(writer, self._stall_s, self._stalled)
         if hello["purgedAt"] < self.purged_at:
             self._send(["P", self.purged_at])
         self._syncing = True
-        missing = self._store.records_above(hello["highWater"])
         chunk = []
-        for record in missing:
-            chunk.append(record)
-            if len(chunk) == RESYNC_CHUNK:
-                self._send(["R", self.purged_at, chunk, [], []])
+        for found in self._store.records_above_in_steps(hello["highWater"]):
+            chunk += found
+            if len(chunk) >= RESYNC_CHUNK:
+                self._send(["R", chunk, [], []])
                 self.records_sent += len(chunk)
                 chunk = []
                 await writer.drain()
+            else:
+                await asyncio.sleep(0)           # a long scan that finds little still lets requests in
         if chunk:
-            self._send(["R", self.purged_at, chunk, [], []])
+            self._send(["R", chunk, [], []])
             self.records_sent += len(chunk)
         self._syncing = False
         if self._outbox:
-            self._send(["R", self.purged_at, self._outbox, [], []])
+            self._send(["R", self._outbox, [], []])
             self.records_sent += len(self._outbox)
             self._outbox = []
         pending = self._pending() if self._pending is not None else []
@@ -388,7 +471,7 @@ class PeerLink:
             if not line:
                 raise asyncio.IncompleteReadError(b"", None)
             message = orjson.loads(line)
-            if message[0] == "l":
+            if message[0] in ("l", "h"):          # a lookup's answer, a hand-over's acknowledgement
                 future = self._lookups.get(message[1])
                 if future is not None and not future.done():
                     future.set_result(message[2])
@@ -424,13 +507,12 @@ class PeerLink:
         kind = message[0]
         writer = link.writer
         if kind == "R":
-            _, purged_at, records, finished, watched = message
-            if purged_at >= self.purged_at:          # else written before a purge we have applied
-                ingest = self._store.ingest
-                for record in records:
-                    if ingest(*record):
-                        self.records_received += 1
-            replica = self._replicas.get(link.epoch)
+            _, records, finished, watched = message
+            ingest = self._store.ingest
+            for record in records:
+                if ingest(*record):
+                    self.records_received += 1
+            replica = self._replicas.get(link.epoch) if not link.superseded else None
             if replica is not None:
                 for entry in watched:
                     replica[entry_id(entry)] = entry
@@ -441,6 +523,9 @@ class PeerLink:
                     replica.pop(record_correlation_id(record), None)
         elif kind == "E":
             link.epoch = epoch = message[1]
+            for other in self._links:
+                if other is not link and other.epoch == epoch:
+                    other.superseded = True
             replica = self._replicas[epoch] = {entry_id(entry): entry for entry in message[2]}
             for correlation_id in [cid for cid in replica if self._store.held(cid) is not None]:
                 del replica[correlation_id]
@@ -452,11 +537,13 @@ class PeerLink:
             if message[1] > self.purged_at:
                 self._apply_purge(message[1])
         elif kind == "H":
-            replica = self._replicas.get(link.epoch, {})
-            for wire in message[1]:
-                replica.pop(wire_id(wire), None)
-            if self._on_adopt is not None:
-                self._on_adopt(message[1])
+            _, request_id, wires = message
+            taken = self._on_adopt is not None and self._on_adopt(wires)
+            if taken:
+                replica = self._replicas.get(link.epoch, {})
+                for wire in wires:
+                    replica.pop(wire_id(wire), None)
+            writer.write(orjson.dumps(["h", request_id, bool(taken)], option=_LINE))
         elif kind == "L":
             writer.write(orjson.dumps(["l", message[1], self._on_lookup(message[2])], option=_LINE))
 
@@ -484,9 +571,7 @@ class PeerLink:
 
     def _apply_purge(self, purged_at):
         self.purged_at = purged_at
-        self._outbox.clear()
-        self._batch.clear()
-        self._on_purge()
+        self._on_purge(purged_at)         # records still to be sent are dropped by the peer's store
 
 
 class _Incompatible(ValueError):

@@ -368,18 +368,31 @@ class Dispatcher:
         for processor in (DEFAULT, FALLBACK):
             queue = book.pinned[processor]
             while queue and self._tokens >= 1 and self._can_send(processor, now):
-                started.append(self._start(queue.popleft(), processor))
+                payment = queue.popleft()
+                if payment.state == PENDING:         # else withdrawn while queued
+                    started.append(self._start(payment, processor))
         while book.ready and self._tokens >= 1:
+            if book.ready[0].state != PENDING:
+                book.ready.popleft()
+                continue
             processor = self._route(now)
             if processor is None:
                 break
             started.append(self._start(book.ready.popleft(), processor))
+        announced_at = None
         if self._replica is not None:
             # Written now, before the attempts' tasks first run and send their requests;
             # those claimed at acceptance for this processor were announced with it.
-            announce = [payment for payment, announced in started if not announced]
+            announce = [payment for payment, _, announced in started if not announced]
             if announce:
                 self._replica.watch_now(*announce)
+                if self._replica.backlogged():
+                    # Not all in the kernel: each request waits until the announcement has left.
+                    announced_at = self._replica.sent_offset()
+        for payment, processor, _ in started:
+            task = self._loop.create_task(self._attempt(payment, processor, announced_at))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _next_wake(self, now, next_due):
         """When the loop must look again without being woken (None: only when woken).
@@ -406,7 +419,8 @@ class Dispatcher:
         return max(min(candidates), now + MIN_PAUSE_S) if candidates else None
 
     def _start(self, payment, processor):
-        """Book an attempt and start its task; (payment, whether the peer already knows of it)."""
+        """Book an attempt (its task is created by _dispatch once it is announced);
+        (payment, processor, whether the peer already knows of it)."""
         announced = payment.in_flight_to == processor     # claimed at acceptance
         self._tokens -= 1
         self.breakers[processor].on_send()
@@ -422,16 +436,13 @@ class Dispatcher:
         if self._audit is not None and self._audit.enabled:
             self._audit.record("attempt", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
                                requestedAt=format_ms(payment.requested_at[processor]), attempt=payment.attempts)
-        task = self._loop.create_task(self._attempt(payment, processor))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return payment, announced
+        return payment, processor, announced
 
-    async def _attempt(self, payment, processor):
+    async def _attempt(self, payment, processor, announced_at):
         sent = False
         try:
-            if self._replica is not None and self._replica.backlogged():
-                await self._replica.replicated()     # its announcement first reaches the peer
+            if announced_at is not None:
+                await self._replica.replicated(announced_at)     # its announcement first leaves
             outcome, detail = await self._verify_elsewhere(payment, processor)
             if outcome is None:
                 sent = True
@@ -452,15 +463,18 @@ class Dispatcher:
     async def _verify_elsewhere(self, payment, processor):
         """Before a payment goes to `processor`, ask any other processor that answered it 5xx
         whether it holds it after all: (STORED, (where, cents, requestedAt)), (UNKNOWN, why), or
-        (None, None) to go ahead."""
+        (None, None) to go ahead. One where an attempt was ambiguous is asked too (two copies of a
+        payment merged after a failure can be pinned to one and in doubt at the other): holding
+        it settles it; not holding it yet proves nothing there."""
         for other in (DEFAULT, FALLBACK):
-            if other != processor and payment.unverified[other]:
-                found = await self._client.stored(other, payment.correlation_id)
-                if found[0] == STORED:
-                    return STORED, (other,) + found[1:]
-                if found[0] == UNKNOWN:
-                    return UNKNOWN, found[1]
-                payment.unverified[other] = False
+            if other == processor or not (payment.unverified[other] or payment.ambiguous[other]):
+                continue
+            found = await self._client.stored(other, payment.correlation_id)
+            if found[0] == STORED:
+                return STORED, (other,) + found[1:]
+            if found[0] == UNKNOWN:
+                return UNKNOWN, found[1]
+            payment.unverified[other] = False
         return None, None
 
     async def _pay(self, payment, processor):

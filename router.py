@@ -5,6 +5,7 @@ at import; the server turns them into bytes (and caches those too).
 Handlers are synchronous, except a payment lookup that has to ask the peer,
 which returns a coroutine the server awaits in order.
 """
+import asyncio
 import hmac
 import re
 from time import monotonic
@@ -92,6 +93,7 @@ class Router:
     def __init__(self, instance):
         self.instance = instance
         self.max_cents = int(instance.settings.max_amount * 100)
+        self._confirming = {}            # correlationId -> future answer, while its 202 waits (_confirm)
         self.refusals = {
             payment_request.BAD_JSON: BAD_JSON, payment_request.NO_ID: NO_ID, payment_request.BAD_ID: BAD_ID,
             payment_request.NO_AMOUNT: NO_AMOUNT, payment_request.BAD_AMOUNT: BAD_AMOUNT,
@@ -128,8 +130,6 @@ class Router:
         correlation_id, cents = read
         if routing_key is not None and routing_key != correlation_id:
             return NOT_ROUTABLE
-        if self.instance.peer.backlogged():
-            return self._accept_once_replicated(correlation_id, cents)
         return self._accept(correlation_id, cents)
 
     def _accept(self, correlation_id, cents):
@@ -139,12 +139,17 @@ class Router:
         book = instance.book
         known = book.get(correlation_id)
         if known is not None and known.state != payments.HANDED_OVER:
-            return ACCEPTED if known.cents == cents else CONFLICT
+            if known.cents != cents:
+                return CONFLICT
+            confirming = self._confirming.get(correlation_id)
+            return ACCEPTED if confirming is None else self._same_answer(confirming)
         held = instance.store.held(correlation_id)
-        if held is None:
-            held_cents = instance.peer.pending_cents(correlation_id)
-        else:
+        if held is not None:
             held_cents = held[1]
+        else:
+            held_cents = instance.peer.pending_cents(correlation_id)
+            if held_cents is None:
+                held_cents = book.arriving_cents(correlation_id)
         if held_cents is not None:
             return ACCEPTED if held_cents == cents else CONFLICT
         if instance.stopping:
@@ -153,24 +158,30 @@ class Router:
             return STARTING
         if book.accept(correlation_id, cents, monotonic()) is not payments.ACCEPTED:
             return QUEUE_FULL
-        if instance.peer.backlogged():          # its acceptance is not all in the kernel yet
-            return self._confirm(book.get(correlation_id))
+        peer = instance.peer
+        if peer.backlogged():                    # its acceptance is not all in the kernel yet
+            return self._confirm(book.get(correlation_id), peer.sent_offset())
         return ACCEPTED
 
-    async def _accept_once_replicated(self, correlation_id, cents):
-        """The peer is not reading: wait (at most PEER_STALL_S) until what was written has left
-        this process, then decide."""
-        if await self.instance.peer.replicated() == STALLED:
-            return PEER_BEHIND
-        answer = self._accept(correlation_id, cents)
-        return answer if type(answer) is tuple else await answer
+    async def _confirm(self, payment, offset):
+        """A 202 once the payment's acceptance (the first `offset` bytes written to the peer) has
+        left this process; if the peer stops reading first, the link is dropped with those bytes
+        and the acceptance undone: 503. A repeat meanwhile gets the same answer."""
+        correlation_id = payment.correlation_id
+        answer = asyncio.get_running_loop().create_future()
+        self._confirming[correlation_id] = answer
+        outcome = None
+        try:
+            outcome = await self.instance.peer.replicated(offset)
+        finally:
+            del self._confirming[correlation_id]
+            refused = outcome == STALLED and self.instance.book.withdraw(payment)
+            answer.set_result(PEER_BEHIND if refused else ACCEPTED)
+        return answer.result()
 
-    async def _confirm(self, payment):
-        """A 202 only once the payment's acceptance is in the kernel; if the peer stalls instead
-        (the link is then dropped with the rest of the message), the acceptance is undone: 503."""
-        if await self.instance.peer.replicated() == STALLED and self.instance.book.withdraw(payment):
-            return PEER_BEHIND
-        return ACCEPTED
+    @staticmethod
+    async def _same_answer(answer):
+        return await asyncio.shield(answer)
 
     # ----- GET /payments-summary -----------------------------------------------------
     def summary(self, query):

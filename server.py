@@ -31,7 +31,7 @@ import orjson
 from audit import AuditLog
 from config import Settings
 from observe import PEER_METRICS_KEY, ObservedClient, Observer, public_config
-from payments import Payment, PaymentBook, left_behind
+from payments import Payment, PaymentBook, entry_cents, entry_id, left_behind, wire_cents, wire_id
 from peer import PeerLink
 from processors import Breaker, Dispatcher, HealthMonitor
 from router import Router, describe_local, json_error
@@ -380,6 +380,7 @@ class Instance:
         self._servers = []
         self._tasks = []
         self._adopting = []      # adoptions still in progress (see _adopt_in_steps)
+        self._sealed = False     # stopping, and the pending payments are taken for the hand-over
 
     def _sweep(self):
         """Expire the connections whose request or keep-alive timeout has passed."""
@@ -419,15 +420,25 @@ class Instance:
         return describe_local(self, key)
 
     def _adopt(self, payments_wire):
-        """The peer hands its pending payments over (it is shutting down)."""
+        """The peer hands its pending payments over (it is shutting down): taken, unless this
+        instance is stopping too (the peer then reports them as abandoned)."""
+        if self.stopping:
+            return False
         now = time.monotonic()
+        self.book.expect({wire_id(wire): wire_cents(wire) for wire in payments_wire})
         self._adopt_in_steps((Payment.from_wire(wire, now) for wire in payments_wire), lambda adopted: log.info(
             "adopted %d payments handed over by the peer", adopted))
+        return True
 
     def _inherit(self, epoch, entries):
-        """The peer died (epoch gone): carry on with the pending payments it left behind."""
+        """The peer died (epoch gone): carry on with the pending payments it left behind, or, once
+        this instance has handed over its own (it is stopping), report them as abandoned."""
+        if self._sealed:
+            self._report_abandoned([entry_id(entry) for entry in entries], "the peer died while this instance stopped")
+            return
         now = time.monotonic()
         at_processor = sum(1 for entry in entries if entry[1] is not None)
+        self.book.expect({entry_id(entry): entry_cents(entry) for entry in entries})
         self._adopt_in_steps((left_behind(entry, now) for entry in entries), lambda adopted: log.warning(
             "peer %s is gone: inherited %d of its pending payments (%d may have reached a processor)",
             epoch, adopted, at_processor))
@@ -444,13 +455,25 @@ class Instance:
         held = self.store.held
         for payment in islice(adoption.left, chunk):
             taken += 1
-            if held(payment.correlation_id) is None:      # else already paid, whoever paid it
+            if held(payment.correlation_id) is None:
                 adoption.adopted += self.book.adopt(payment)
+            else:                                         # already paid, whoever paid it
+                self.book.not_arriving(payment.correlation_id)
         if taken == chunk:                       # maybe more
             adoption.next_step = self.loop.call_soon(self._adopt_step, adoption, chunk)
             return
         self._adopting.remove(adoption)
         adoption.report(adoption.adopted)
+
+    def _report_abandoned(self, correlation_ids, why):
+        """Accepted payments this instance will not pay and nobody took over: every id is
+        reported, in lines short enough for log collectors that split long lines. (The peer may
+        still pay those its replica holds, if it inherits them.)"""
+        log.error("%d pending payments abandoned: %s", len(correlation_ids), why)
+        for start in range(0, len(correlation_ids), 200):
+            log.error("abandoned: %s", " ".join(correlation_ids[start:start + 200]))
+        for correlation_id in correlation_ids:
+            self.audit.record("abandoned", correlation_id)
 
     def _finish_adopting(self):
         """Stopping: adopt the rest now, so it is handed over with everything else."""
@@ -458,8 +481,8 @@ class Instance:
             adoption.next_step.cancel()
             self._adopt_step(adoption, None)     # islice(..., None): all that is left
 
-    def _purge_here(self):
-        self.store.purge()
+    def _purge_here(self, purged_at):
+        self.store.purge(purged_at)
         self.book.forget_finished()
 
     async def start(self):
@@ -494,19 +517,16 @@ class Instance:
             task.cancel()
         await self.dispatcher.stop()         # in-flight attempts end as ambiguous, so they stay pinned
         self._finish_adopting()
+        self._sealed = True
         leftover = self.book.take_all_pending()
         if leftover:
             handed = await self.peer.hand_over([payment.to_wire() for payment in leftover])
-            for payment in leftover:
-                self.audit.record("handed_over" if handed else "abandoned", payment.correlation_id)
             if handed:
+                for payment in leftover:
+                    self.audit.record("handed_over", payment.correlation_id)
                 log.info("handed %d pending payments over to the peer", len(leftover))
             else:
-                # Every id is reported (they were accepted and will not be paid), in lines short
-                # enough for log collectors that split long lines.
-                log.error("peer unreachable: %d pending payments abandoned", len(leftover))
-                for start in range(0, len(leftover), 200):
-                    log.error("abandoned: %s", " ".join(p.correlation_id for p in leftover[start:start + 200]))
+                self._report_abandoned([p.correlation_id for p in leftover], "the peer did not take them")
         await self.peer.drain()             # the last paid records reach the peer
         await self.peer.close()
         await self.client.close()

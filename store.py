@@ -12,6 +12,13 @@ The store holds at most one record per correlationId, whatever path a record
 comes by (paid here, sent by the peer, resent in a resync): a second one is
 refused, so a payment settled twice anywhere is still counted once.
 
+A purge is a point in time: it removes every record whose requestedAt lies
+before it, and keeps refusing those however late they arrive (a record paid
+before the purge reached this instance, or still on the link); records from
+after it stay. The outcome depends only on the record and the purge, never on
+which arrives first, so two instances that see the same purges hold the same
+records.
+
 Summaries run on the event loop between payment requests, so their cost must
 not grow with the number of stored payments. Records are aggregated into
 100 ms buckets and 10 s blocks; a summary adds up the blocks and buckets that
@@ -82,6 +89,7 @@ class PaymentStore:
         # purges so that a peer cannot hand back what a purge removed.
         self._high_water = {}
         self._local_seq = 0
+        self.purged_before = 0        # ms: records with an earlier requestedAt are not held (purge)
         self._buckets = {}            # bucket number -> (_Totals, array of slots)
         self._blocks = {}             # block number -> _Totals
         self._all = _Totals()
@@ -91,7 +99,7 @@ class PaymentStore:
     def record_local(self, correlation_id, requested_at_ms, cents, processor):
         """Store a payment this instance had confirmed; the record (for the peer), or None when
         a record of this correlationId is already held."""
-        if correlation_id in self._slot_of:
+        if correlation_id in self._slot_of or requested_at_ms < self.purged_before:
             return None
         self._local_seq += 1
         record = (self.local_epoch, self._local_seq, requested_at_ms, cents, processor, correlation_id)
@@ -103,7 +111,7 @@ class PaymentStore:
         correlationId) is refused, but still counts as seen for the high-water mark."""
         if seq <= self._high_water.get(epoch, 0):
             return False
-        if correlation_id in self._slot_of:
+        if correlation_id in self._slot_of or requested_at_ms < self.purged_before:
             self._high_water[epoch] = seq
             return False
         self._append(epoch, seq, requested_at_ms, cents, processor, correlation_id)
@@ -171,14 +179,27 @@ class PaymentStore:
             del self._blocks[block_no]
         self._all.add(processor, cents, -1)
 
-    def purge(self):
-        """Forget every record (sequence watermarks stay, see _high_water)."""
+    def purge(self, before_ms):
+        """Forget every record with a requestedAt before before_ms, now and when one arrives later
+        (sequence watermarks stay, see _high_water). Those after it are kept: few, the purge being
+        recent (only its edge buckets and later ones are looked at)."""
+        if before_ms <= self.purged_before:
+            return
+        self.purged_before = before_ms
+        first_bucket = before_ms // BUCKET_MS
+        kept = sorted((self._slot_of[self._correlation_id[slot]], slot)
+                      for bucket_no, (_, slots) in self._buckets.items() if bucket_no >= first_bucket
+                      for slot in slots if self._requested_at[slot] >= before_ms)
+        survivors = [(self._epochs[self._origin[slot]], self._seq[slot], self._requested_at[slot], self._cents[slot],
+                      self._processor[slot], self._correlation_id[slot]) for _, slot in kept]
         self._first_live = self._appended
         self._slot_of.clear()
         self._correlation_id = [None] * self.capacity
         self._buckets.clear()
         self._blocks.clear()
         self._all = _Totals()
+        for record in survivors:
+            self._append(*record)
 
     # ----- reading -------------------------------------------------------------------
     def summary(self, from_ms=None, to_ms=None):
@@ -253,6 +274,17 @@ class PaymentStore:
         The range is fixed now: records written later travel on the live path.
         """
         return self._records_between(self._first_live, self._appended, peer_high_water)
+
+    def records_above_in_steps(self, peer_high_water, step=10_000):
+        """records_above, as a list of what each `step` held records scanned found (often empty):
+        the caller yields to the event loop between them, whatever the peer lacks."""
+        end = self._appended
+        index = self._first_live
+        while index < end:
+            index = max(index, self._first_live)
+            upto = min(end, index + step)
+            yield list(self._records_between(index, upto, peer_high_water))
+            index = upto
 
     def _records_between(self, start, end, peer_high_water):
         epochs = self._epochs

@@ -145,7 +145,8 @@ class Instance:
             "PURGE_ENABLED": "true",
             "LOG_LEVEL": "INFO",
         })
-        self.env.update({k.upper(): str(v) for k, v in env.items()})
+        # "{instance}" in a value stands for the instance's number (AUDIT_LOG=.../audit{instance}.log).
+        self.env.update({k.upper(): str(v).replace("{instance}", str(instance_id)) for k, v in env.items()})
         self.log_path = os.path.join(stack.dir, "api%d.log" % instance_id)
         self.process = None
         self.start()
@@ -370,7 +371,8 @@ class PeerProxy:
     drop() severs every current connection (both ends see the link go, as if
     the peer had died, but neither instance loses anything in memory);
     block()/unblock() make new connections fail meanwhile.
-    delay_s holds what the dialing instance sends for that long before passing it on (in order);
+    delay_s holds what the dialing instance sends for that long before passing it on (in order),
+    read_size bytes at a time (so delay_s and read_size together make a slow link);
     hold_prefix (bytes) keeps back every line the dialing instance sends that starts with it
     (e.g. b'["E"', the end of a resync), until hold_prefix is set to None.
     """
@@ -379,8 +381,10 @@ class PeerProxy:
         self.path = path
         self.upstream = upstream
         self.connections = 0
+        self.open_pairs = 0           # connections whose two directions are not both finished
         self.drops = 0
         self.delay_s = 0.0
+        self.read_size = 65536
         self.hold_prefix = None
         self.held = []                # lines kept back by hold_prefix
         self._lock = threading.Lock()
@@ -450,6 +454,7 @@ class PeerProxy:
             with self._lock:
                 self._pairs.append(pair)
                 self.connections += 1
+                self.open_pairs += 1
             done = []
             for src, dst, outgoing in ((client, upstream, True), (upstream, client, False)):
                 threading.Thread(target=self._pump, args=(src, dst, pair, done, outgoing), daemon=True).start()
@@ -458,7 +463,7 @@ class PeerProxy:
         partial = b""
         try:
             while True:
-                data = src.recv(65536)
+                data = src.recv(self.read_size if outgoing else 65536)
                 if not data:
                     break
                 if outgoing and self.delay_s:
@@ -484,6 +489,8 @@ class PeerProxy:
         if len(done) == 2:            # the second pump to finish closes both sockets
             for s in pair:
                 s.close()
+            with self._lock:
+                self.open_pairs -= 1
 
 
 class Load:

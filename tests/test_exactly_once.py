@@ -14,6 +14,8 @@ import time
 import uuid
 from decimal import ROUND_HALF_EVEN, Decimal
 
+import pytest
+
 from checks import assert_books_exact, audit, drain, post_payments
 from stack import (Load, UnixHTTPConnection, books, instance_health, payment, record_metrics, request,
                    summary_count, wait_until)
@@ -79,7 +81,7 @@ def test_a_restarted_instance_answers_no_summary_until_it_holds_the_peers_record
             continue                      # not listening yet
         at = time.monotonic() - restarted_at
         correct = summary[0] == 200 and json.loads(summary[2]) == expected
-        answers.append((round(at, 4), health[0], summary[0], correct))
+        answers.append((at, health[0], summary[0], correct))
         if correct and correct_at is None:
             correct_at = at
         if health[0] == 200 and ready_at is None:
@@ -479,3 +481,72 @@ def test_a_payment_a_processor_stored_before_failing_its_answer_is_not_paid_twic
     figures, stored = audit(stack, accepted=ids)
     record_metrics("processor-fail-after-store", **figures)
     assert_books_exact(stack, figures)
+
+
+# ----- found by the review: both instances stopping at once ---------------------------------
+
+def abandoned_ids(instance):
+    ids = set()
+    for line in instance.log().splitlines():
+        if '"abandoned: ' in line:
+            ids.update(json.loads(line)["msg"].split()[1:])
+    return ids
+
+
+@pytest.mark.parametrize("offset_ms", [0.0, 0.5, 1.0])
+def test_both_instances_stopping_at_once_report_what_neither_took(stacks, offset_ms):
+    """SIGTERM to both (a `docker compose down`) while both hold payments they cannot pay: each
+    offers its leftovers to the other, which is stopping too. A hand-over counts only once the
+    peer says it took the payments, and a stopping instance takes none: every payment ends paid,
+    or named in an 'abandoned' line; none is silently dropped."""
+    stack = stacks(with_haproxy=False, SHUTDOWN_GRACE_S="0.05")
+    stack.default.configure(failure=True)
+    stack.fallback.configure(failure=True)
+    one, two = stack.instances
+    accepted = post_payments(one, 40) + post_payments(two, 40)
+    time.sleep(0.3)
+    one.process.send_signal(signal.SIGTERM)
+    time.sleep(offset_ms / 1000)
+    two.process.send_signal(signal.SIGTERM)
+    for instance in stack.instances:
+        instance.process.wait(20)
+    stack.default.configure(failure=False)
+    stack.fallback.configure(failure=False)
+    stored = {p["correlationId"] for sim in (stack.default, stack.fallback) for p in sim.payments()}
+    reported = abandoned_ids(one) | abandoned_ids(two)
+    silently_lost = [cid for cid in accepted if cid not in stored and cid not in reported]
+    assert silently_lost == [], "%d payments neither paid nor reported" % len(silently_lost)
+
+
+# ----- found by the review: a peer that reads some of the backlog, then stops ----------------
+
+def test_a_payment_whose_acceptance_reached_the_peer_is_never_refused(stacks):
+    """api1's link to api2 reads slowly (a throttled forwarder): api1's buffer towards it never
+    empties, and the oldest 202 waiting has waited PEER_STALL_S: the link is dropped. A payment
+    whose acceptance left api1 before that must be answered 202 (api2 holds it), only the others
+    503. api1 is then killed before it reconnects: api2 inherits exactly what it holds, and
+    nothing answered 503 is paid."""
+    stack = stacks(with_haproxy=False, peer_proxy=True, PEER_STALL_S="0.5")
+    one, two = stack.instances
+    to_two = stack.proxies[0]
+    to_two.read_size, to_two.delay_s = 2048, 0.05          # ~40 KB/s: less than api1 writes
+    bodies = [payment(2.50) for _ in range(4000)]
+    workers, results = send_concurrently(one.socket, bodies, threads=12, deadline_s=1.5)
+    for w in workers:
+        w.join(10)
+    wait_until(lambda: "peer read nothing" in one.log(), timeout=10, what="the link to be dropped")
+    to_two.block()                                          # api1 cannot reconnect...
+    wait_until(lambda: to_two.open_pairs == 0, timeout=60, interval=0.2,
+               what="the forwarder to pass on what api1 had sent")      # ...but what left it arrives
+    one.kill()
+    to_two.read_size, to_two.delay_s = 65536, 0.0
+    to_two.unblock()
+    one.start()
+    drain(stack)
+    accepted = {cid for cid, status in results.items() if status == 202}
+    refused = {cid for cid, status in results.items() if status == 503}
+    stored = {p["correlationId"] for sim in (stack.default, stack.fallback) for p in sim.payments()}
+    record_metrics("slow-link-then-kill9", accepted=len(accepted), refused_503=len(refused), stored=len(stored))
+    assert refused, "the link must have stalled with payments waiting"
+    assert stored & refused == set(), "%d payments answered 503 were paid" % len(stored & refused)
+    assert accepted <= stored, "%d payments answered 202 were not paid" % len(accepted - stored)

@@ -64,11 +64,32 @@ def test_purge_forgets_records_but_not_what_was_seen():
     store = PaymentStore(10, "local")
     store.record_local(new_id(), T0, 100, DEFAULT)
     assert store.ingest("peer", 1, T0, 200, FALLBACK, "x")
-    store.purge()
+    store.purge(T0 + 1)
     assert len(store) == 0 and store.summary().count == [0, 0]
     assert not store.ingest("peer", 1, T0, 200, FALLBACK, "x"), "a purged record must not come back"
-    assert store.ingest("peer", 2, T0, 300, FALLBACK, "y")
+    assert store.ingest("peer", 2, T0 + 1, 300, FALLBACK, "y")
     assert store.summary().cents == [0, 300]
+
+
+def test_a_purge_is_a_point_in_time_whichever_arrives_first():
+    """Records before the purge go, also those that arrive after it; those after it stay.
+    Two stores that see the same records and purge in any order hold the same."""
+    records = [("peer", seq, T0 + seq * 40, 100 * seq, seq % 2, "id%d" % seq) for seq in range(1, 60)]
+    purge_at = T0 + 30 * 40 + 7                 # inside a bucket: the edge is read record by record
+    early, late = PaymentStore(100, "a"), PaymentStore(100, "b")
+    early.purge(purge_at)
+    for record in records:
+        early.ingest(*record)
+        late.ingest(*record)
+    late.purge(purge_at)
+    kept = [r for r in records if r[2] >= purge_at]
+    for store in (early, late):
+        assert store.summary().count == [sum(1 for r in kept if r[4] == p) for p in (0, 1)]
+        assert sorted(r[1] for r in store.records_above({})) == [r[1] for r in kept]
+        assert store.held("id1") is None and store.held("id59") is not None
+        assert store.record_local("new", purge_at - 1, 1, DEFAULT) is None      # paid before it: purged too
+    late.purge(purge_at - 1000)                 # an older purge arriving late changes nothing
+    assert len(late) == len(kept)
 
 
 def test_resync_sends_exactly_what_the_peer_lacks():
@@ -148,5 +169,13 @@ def test_an_overwritten_or_purged_record_frees_its_correlation_id():
         store.record_local(cid, T0, 1, DEFAULT)
     assert store.held("x") is None and store.held("z") is not None
     assert store.record_local("x", T0, 1, DEFAULT) is not None
-    store.purge()
-    assert store.held("x") is None and store.record_local("x", T0, 1, DEFAULT) is not None
+    store.purge(T0 + 1)
+    assert store.held("x") is None and store.record_local("x", T0 + 1, 1, DEFAULT) is not None
+
+
+def test_records_above_in_steps_finds_what_records_above_finds():
+    store = PaymentStore(100, "a")
+    for i in range(57):
+        store.record_local(new_id(), T0 + i, 1, DEFAULT)
+    steps = list(store.records_above_in_steps({"a": 20}, step=10))
+    assert len(steps) == 6 and [r for step in steps for r in step] == list(store.records_above({"a": 20}))

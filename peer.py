@@ -183,6 +183,7 @@ class PeerLink:
         self.link_up = False             # our outgoing connection is synchronised
         self.synced = False              # we hold the peer's records up to its high-water mark
         self.peer_absent = False         # the peer's socket refused us, or is not there
+        self._ready = False
         self._writer = None
         self._out = None                 # _Outgoing of the current connection to the peer
         self._syncing = False
@@ -212,11 +213,15 @@ class PeerLink:
 
     @property
     def ready(self):
-        """Summaries can be answered: no peer, or its records are in, or it is absent (or too slow)."""
-        if not self.enabled or self.synced or self.peer_absent:
+        """Summaries can be answered: no peer, or its records are in, or it is absent (or too slow).
+        Once ready, always (it is asked on every payment)."""
+        if self._ready:
             return True
-        loop = asyncio.get_running_loop()
-        return self._started_at is not None and loop.time() - self._started_at >= self._sync_timeout_s
+        if not self.enabled or self.synced or self.peer_absent or (
+                self._started_at is not None
+                and asyncio.get_running_loop().time() - self._started_at >= self._sync_timeout_s):
+            self._ready = True
+        return self._ready
 
     async def start(self):
         if not self.enabled:

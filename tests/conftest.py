@@ -28,21 +28,8 @@ def stack(short_dir):
 
 @pytest.fixture
 def make_stack(short_dir):
-    """A stack with options: make_stack(sim_options={...}, FALLBACK_POLICY="eager", ...)."""
-    stacks = []
-
-    def factory(**kwargs):
-        s = Stack(short_dir, **kwargs)
-        stacks.append(s)
-        return s
-    yield factory
-    for s in stacks:
-        s.stop()
-
-
-@pytest.fixture
-def stacks(short_dir):
-    """Like make_stack, but torn down without the simulators' slow graceful exit."""
+    """A stack with options: make_stack(sim_options={...}, FALLBACK_POLICY="eager", ...); torn down
+    without the simulators' slow graceful exit (nothing in a simulator needs one)."""
     made = []
 
     def factory(**kwargs):

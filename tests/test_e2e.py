@@ -7,7 +7,6 @@ import http.client
 import json
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from stack import payment, proc_stats, request, wait_until

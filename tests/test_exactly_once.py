@@ -36,11 +36,11 @@ def iso(seconds):
 
 # ----- 1. a restarted instance is not ready until it holds the peer's records -------------
 
-def test_a_restarted_instance_answers_no_summary_until_it_holds_the_peers_records(stacks):
+def test_a_restarted_instance_answers_no_summary_until_it_holds_the_peers_records(make_stack):
     """kill -9 of api2, restarted at once: until api2 has api1's records up to api1's high-water
     mark it says 503 on /health and on the summary, never a summary from a partial store, and
     no summary through port 9999 is wrong meanwhile."""
-    stack = stacks()
+    stack = make_stack()
     one, two = stack.instances
     load = Load(stack.port, rate=400, workers=8)
     load.start()
@@ -142,11 +142,11 @@ def send_concurrently(target, bodies, threads, deadline_s):
     return workers, results
 
 
-def test_a_202_is_written_only_once_the_acceptance_is_in_the_kernel(stacks):
+def test_a_202_is_written_only_once_the_acceptance_is_in_the_kernel(make_stack):
     """The peer stops reading (SIGSTOP): its socket buffer fills, and api1 must not answer 202
     for a payment whose acceptance sits in its own memory. api1 is then killed -9 and the peer
     resumed: every payment answered 202 is paid exactly once and reported, none dead-lettered."""
-    stack = stacks(with_haproxy=False)
+    stack = make_stack(with_haproxy=False)
     one, two = stack.instances
     two.process.send_signal(signal.SIGSTOP)
     try:
@@ -173,11 +173,11 @@ def test_a_202_is_written_only_once_the_acceptance_is_in_the_kernel(stacks):
     assert_books_exact(stack, figures)
 
 
-def test_a_peer_that_stops_reading_is_dropped_after_the_stall_limit(stacks):
+def test_a_peer_that_stops_reading_is_dropped_after_the_stall_limit(make_stack):
     """The peer frozen for longer than PEER_STALL_S: payments wait at most that long, then the
     link is dropped and the instance runs alone (as when the link is cut); once the peer resumes,
     the link comes back and both report what the processors hold."""
-    stack = stacks(with_haproxy=False, PEER_STALL_S="0.5")
+    stack = make_stack(with_haproxy=False, PEER_STALL_S="0.5")
     one, two = stack.instances
     two.process.send_signal(signal.SIGSTOP)
     try:
@@ -201,8 +201,8 @@ def test_a_peer_that_stops_reading_is_dropped_after_the_stall_limit(stacks):
 
 # ----- 3. the audit compares like with like --------------------------------------------------
 
-def test_the_audit_sends_both_bounds_so_a_one_sided_window_shows_no_difference(stacks):
-    stack = stacks(with_haproxy=False, PROCESSOR_ADMIN_TOKEN="123")
+def test_the_audit_sends_both_bounds_so_a_one_sided_window_shows_no_difference(make_stack):
+    stack = make_stack(with_haproxy=False, PROCESSOR_ADMIN_TOKEN="123")
     one = stack.instances[0]
     post_payments(one, 5)
     drain(stack)
@@ -221,8 +221,8 @@ def test_the_audit_sends_both_bounds_so_a_one_sided_window_shows_no_difference(s
 
 # ----- 4. one timestamp grammar, the processors' --------------------------------------------
 
-def test_summary_bounds_read_exactly_as_the_processors_read_them(stacks):
-    stack = stacks(with_haproxy=False)
+def test_summary_bounds_read_exactly_as_the_processors_read_them(make_stack):
+    stack = make_stack(with_haproxy=False)
     one = stack.instances[0]
     post_payments(one, 6)
     drain(stack)
@@ -261,10 +261,10 @@ def test_summary_bounds_read_exactly_as_the_processors_read_them(stacks):
 
 # ----- 5. a repeat across an instance failure is counted once --------------------------------
 
-def test_a_repeat_after_the_accepting_instance_died_is_not_counted_again(stacks):
+def test_a_repeat_after_the_accepting_instance_died_is_not_counted_again(make_stack):
     """X is paid through api1 (both instances hold its record); api1 is killed; X is posted
     again to api2, whose first attempt would be ambiguous. The books hold one record of X."""
-    stack = stacks(with_haproxy=False, REQUEST_TIMEOUT_PROCESSOR_S="0.5")
+    stack = make_stack(with_haproxy=False, REQUEST_TIMEOUT_PROCESSOR_S="0.5")
     one, two = stack.instances
     x = payment(7.00)
     assert one.post("/payments", x)[0] == 202
@@ -282,11 +282,11 @@ def test_a_repeat_after_the_accepting_instance_died_is_not_counted_again(stacks)
 
 # ----- 6. a link cut, then the sender dying during its resync ---------------------------------
 
-def test_the_sender_dying_between_its_resync_records_and_their_end_counts_nothing_twice(stacks):
+def test_the_sender_dying_between_its_resync_records_and_their_end_counts_nothing_twice(make_stack):
     """api2 pays X while its link to api1 is cut; when the link returns it resends X's record,
     but dies (kill -9) before the end of the resync (held back by the proxy). api1, which still
     held X as in flight at api2, must not record X a second time."""
-    stack = stacks(with_haproxy=False, peer_proxy=True)
+    stack = make_stack(with_haproxy=False, peer_proxy=True)
     one, two = stack.instances
     to_one = stack.proxies[1]                    # api2 dials api1 through it: api2's records and replica
     stack.default.configure(delay=1000)
@@ -332,10 +332,10 @@ def decoy_bodies(cid):
     }
 
 
-def test_the_instance_that_accepts_a_payment_is_the_one_haproxy_routes_its_id_to(stacks):
+def test_the_instance_that_accepts_a_payment_is_the_one_haproxy_routes_its_id_to(make_stack):
     """Through port 9999, for each body form and several ids: either a 400, or a 202 from the
     instance that a plain repeat of the id reaches (which then answers 409 for another amount)."""
-    stack = stacks()
+    stack = make_stack()
     outcomes = {}
     for n in range(6):
         for name, body in decoy_bodies(str(uuid.uuid4())).items():
@@ -356,8 +356,8 @@ def test_the_instance_that_accepts_a_payment_is_the_one_haproxy_routes_its_id_to
     assert paid_twice == 0
 
 
-def test_a_duplicate_key_is_a_400_on_the_instance_itself(stacks):
-    stack = stacks(with_haproxy=False)
+def test_a_duplicate_key_is_a_400_on_the_instance_itself(make_stack):
+    stack = make_stack(with_haproxy=False)
     one = stack.instances[0]
     cid = str(uuid.uuid4())
     for body in ('{"correlationId":"%s","correlationId":"%s","amount":1}' % (cid, cid),
@@ -369,8 +369,8 @@ def test_a_duplicate_key_is_a_400_on_the_instance_itself(stacks):
 
 # ----- 8. amounts are read from their decimal text ------------------------------------------
 
-def test_amounts_are_rounded_half_even_on_their_decimal_text(stacks):
-    stack = stacks(with_haproxy=False)
+def test_amounts_are_rounded_half_even_on_their_decimal_text(make_stack):
+    stack = make_stack(with_haproxy=False)
     one = stack.instances[0]
     texts = ["1.005000000000000000001", "1.005", "2.675", "0.125", "0.135", "19.90", "1e1", "12.3456789e1",
              "0.0150000000000000000000001", "1000000.004999999999999999"]
@@ -387,10 +387,10 @@ def test_amounts_are_rounded_half_even_on_their_decimal_text(stacks):
 
 # ----- suspected: a purge racing a record in flight ------------------------------------------
 
-def test_a_record_sent_before_a_purge_and_read_after_it_never_splits_the_books(stacks):
+def test_a_record_sent_before_a_purge_and_read_after_it_never_splits_the_books(make_stack):
     """api1 pays X; its record to api2 is delayed on the link; meanwhile api2 is purged. The
     record arrives after the purge: both instances must end with the same books."""
-    stack = stacks(with_haproxy=False, peer_proxy=True)
+    stack = make_stack(with_haproxy=False, peer_proxy=True)
     one, two = stack.instances
     stack.proxies[0].delay_s = 0.4              # what api1 sends to api2 arrives 0.4 s late
     post_payments(one, 3)
@@ -405,12 +405,12 @@ def test_a_record_sent_before_a_purge_and_read_after_it_never_splits_the_books(s
 
 # ----- suspected: a dead letter's end lost with its instance ----------------------------------
 
-def test_a_payment_the_peer_inherits_after_a_lost_end_is_counted_once(stacks):
+def test_a_payment_the_peer_inherits_after_a_lost_end_is_counted_once(make_stack):
     """X is paid through api2, which then restarts (its book is new; its store has X back from
     api1). A second copy of X reaches api1 straight to its socket; api1's attempt meets the
     processor's 422; api1's link to api2 is cut before api2 hears how it ended, and api1 dies.
     api2 inherits that copy as in flight at the default: X must still be counted once."""
-    stack = stacks(with_haproxy=False, peer_proxy=True)
+    stack = make_stack(with_haproxy=False, peer_proxy=True)
     one, two = stack.instances
     to_two = stack.proxies[0]                    # api1 dials api2 through it: api1's replica at api2
     x = payment(6.00)
@@ -436,11 +436,11 @@ def test_a_payment_the_peer_inherits_after_a_lost_end_is_counted_once(stacks):
 
 # ----- suspected: a repeat during SIGTERM's grace --------------------------------------------
 
-def test_a_repeat_during_the_shutdown_grace_is_answered_from_what_is_known(stacks):
+def test_a_repeat_during_the_shutdown_grace_is_answered_from_what_is_known(make_stack):
     """X is pending at the instance HAProxy routes it to when that instance gets SIGTERM: a repeat
     through HAProxy in the grace period is answered 202 (same amount) or 409 (another amount),
     never accepted as a second copy by the peer."""
-    stack = stacks(SHUTDOWN_GRACE_S="3")
+    stack = make_stack(SHUTDOWN_GRACE_S="3")
     stack.default.configure(failure=True)
     stack.fallback.configure(failure=True)
     two = stack.instances[1]
@@ -464,11 +464,11 @@ def test_a_repeat_during_the_shutdown_grace_is_answered_from_what_is_known(stack
 
 # ----- suspected: a processor that stores, then fails its answer ------------------------------
 
-def test_a_payment_a_processor_stored_before_failing_its_answer_is_not_paid_twice(stacks):
+def test_a_payment_a_processor_stored_before_failing_its_answer_is_not_paid_twice(make_stack):
     """The default stores each payment and answers 500 (fault fail_after_store); with the eager
     policy the payments move to the fallback once the default's breaker opens. Before a payment
     moves, the processor it failed at is asked whether it holds it (GET /payments/{id})."""
-    stack = stacks(FALLBACK_POLICY="eager")
+    stack = make_stack(FALLBACK_POLICY="eager")
     stack.default.fault("fail_after_store")
     ids = []
     for _ in range(20):
@@ -494,12 +494,12 @@ def abandoned_ids(instance):
 
 
 @pytest.mark.parametrize("offset_ms", [0.0, 0.5, 1.0])
-def test_both_instances_stopping_at_once_report_what_neither_took(stacks, offset_ms):
+def test_both_instances_stopping_at_once_report_what_neither_took(make_stack, offset_ms):
     """SIGTERM to both (a `docker compose down`) while both hold payments they cannot pay: each
     offers its leftovers to the other, which is stopping too. A hand-over counts only once the
     peer says it took the payments, and a stopping instance takes none: every payment ends paid,
     or named in an 'abandoned' line; none is silently dropped."""
-    stack = stacks(with_haproxy=False, SHUTDOWN_GRACE_S="0.05")
+    stack = make_stack(with_haproxy=False, SHUTDOWN_GRACE_S="0.05")
     stack.default.configure(failure=True)
     stack.fallback.configure(failure=True)
     one, two = stack.instances
@@ -520,13 +520,13 @@ def test_both_instances_stopping_at_once_report_what_neither_took(stacks, offset
 
 # ----- found by the review: a peer that reads some of the backlog, then stops ----------------
 
-def test_a_payment_whose_acceptance_reached_the_peer_is_never_refused(stacks):
+def test_a_payment_whose_acceptance_reached_the_peer_is_never_refused(make_stack):
     """api1's link to api2 reads slowly (a throttled forwarder): api1's buffer towards it never
     empties, and the oldest 202 waiting has waited PEER_STALL_S: the link is dropped. A payment
     whose acceptance left api1 before that must be answered 202 (api2 holds it), only the others
     503. api1 is then killed before it reconnects: api2 inherits exactly what it holds, and
     nothing answered 503 is paid."""
-    stack = stacks(with_haproxy=False, peer_proxy=True, PEER_STALL_S="0.5")
+    stack = make_stack(with_haproxy=False, peer_proxy=True, PEER_STALL_S="0.5")
     one, two = stack.instances
     to_two = stack.proxies[0]
     to_two.read_size, to_two.delay_s = 2048, 0.05          # ~40 KB/s: less than api1 writes

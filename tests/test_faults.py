@@ -23,14 +23,14 @@ from stack import Load, instance_health, own_figures, proc_stats, record_metrics
 # ----- kill -9 ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("delay_ms", [0, 100], ids=["fast-processor", "processor-100ms"])
-def test_kill9_one_instance_under_load(stacks, delay_ms):
+def test_kill9_one_instance_under_load(make_stack, delay_ms):
     """api2 dies mid-traffic (kill -9): HAProxy routes around it, api1 keeps answering payments and
     summaries, and api2 resynchronises from api1 when it returns. CI: 1 kill; chaos: 5.
 
     With a processor taking 100 ms, api2 holds ~15 payments in flight at the kill; api1 inherits
     them (tests below show each case alone)."""
     cycles, rate = scaled(1, 5), scaled(300, 500)
-    stack = stacks()
+    stack = make_stack()
     one, two = stack.instances
     stack.default.configure(delay=delay_ms)
     load = Load(stack.port, rate=rate, workers=6, summary_interval=0.1).start()
@@ -72,12 +72,12 @@ def test_kill9_one_instance_under_load(stacks, delay_ms):
     assert_books_exact(stack, figures)
 
 
-def test_kill9_payments_in_flight_at_the_processor_reach_the_summary(stacks):
+def test_kill9_payments_in_flight_at_the_processor_reach_the_summary(make_stack):
     """B1: ten payments are inside the processor (1 s delay) when api1 dies. The processor stores
     them; api1 never records them. api2 holds api1's pending payments (the peer replica), sees that
     api1's socket refuses connections (nobody listens: it is dead), inherits the ten pinned to the
     default processor with the same requestedAt, gets 422 "already stored" and records each once."""
-    stack = stacks(with_haproxy=False)
+    stack = make_stack(with_haproxy=False)
     stack.default.configure(delay=1000)
     one, two = stack.instances
     ids = post_payments(one, 10)
@@ -93,11 +93,11 @@ def test_kill9_payments_in_flight_at_the_processor_reach_the_summary(stacks):
     assert "inherited 10 of its pending payments (10 may have reached a processor)" in two.log()
 
 
-def test_kill9_then_restart_behind_a_live_socket_inherits_through_the_new_epoch(stacks):
+def test_kill9_then_restart_behind_a_live_socket_inherits_through_the_new_epoch(make_stack):
     """The same, but api1's peer socket stays connectable (a proxy in front of it, as with any
     forwarder) and api1 comes back: api2 learns from the new epoch's hello that the old one is
     dead, and inherits then."""
-    stack = stacks(with_haproxy=False, peer_proxy=True)
+    stack = make_stack(with_haproxy=False, peer_proxy=True)
     stack.default.configure(delay=1000)
     one, two = stack.instances
     ids = post_payments(one, 10)
@@ -114,11 +114,11 @@ def test_kill9_then_restart_behind_a_live_socket_inherits_through_the_new_epoch(
     assert one.summary() == two.summary()
 
 
-def test_kill9_payments_still_queued_are_paid_by_the_peer(stacks):
+def test_kill9_payments_still_queued_are_paid_by_the_peer(make_stack):
     """Accepted (202) but never sent: both processors fail, so api1 only queues and retries.
     api1 dies; api2 inherits them (in 1,000-payment steps) and pays each exactly once when the
     processors recover."""
-    stack = stacks(with_haproxy=False)
+    stack = make_stack(with_haproxy=False)
     stack.default.configure(failure=True)
     stack.fallback.configure(failure=True)
     one, two = stack.instances
@@ -142,11 +142,11 @@ def test_kill9_payments_still_queued_are_paid_by_the_peer(stacks):
     assert figures["stored"] == 2500
 
 
-def test_kill9_before_the_dispatch_pass_the_peer_pays_with_the_claimed_requested_at(stacks):
+def test_kill9_before_the_dispatch_pass_the_peer_pays_with_the_claimed_requested_at(make_stack):
     """Accepted and claimed for the default processor (requestedAt fixed, the attempt announced to
     api2 with the acceptance), but api1 dies before its pass sends anything: api2 inherits them
     pinned to the default with the same requestedAt, and the default stores each once."""
-    stack = stacks(with_haproxy=False, DISPATCH_DELAY_S="3")
+    stack = make_stack(with_haproxy=False, DISPATCH_DELAY_S="3")
     one, two = stack.instances
     t_first = time.time()
     ids = post_payments(one, 10)
@@ -164,8 +164,8 @@ def test_kill9_before_the_dispatch_pass_the_peer_pays_with_the_claimed_requested
     assert all(t_first - 0.002 <= r <= t_last + 0.002 for r in requested), (t_first, requested, t_last)
 
 
-def test_sigterm_never_loses_a_payment_answered_202_on_a_kept_alive_connection(stacks):
-    stack = stacks(with_haproxy=False, SHUTDOWN_GRACE_S=0.5)
+def test_sigterm_never_loses_a_payment_answered_202_on_a_kept_alive_connection(make_stack):
+    stack = make_stack(with_haproxy=False, SHUTDOWN_GRACE_S=0.5)
     one, two = stack.instances
     stack.default.configure(failure=True)
     stack.fallback.configure(failure=True)
@@ -186,8 +186,8 @@ def test_sigterm_never_loses_a_payment_answered_202_on_a_kept_alive_connection(s
     assert figures["lost"] == 0, "%d payments answered 202 were never paid" % figures["lost"]
 
 
-def test_sigterm_logs_no_error(stacks):
-    stack = stacks(with_haproxy=False)
+def test_sigterm_logs_no_error(make_stack):
+    stack = make_stack(with_haproxy=False)
     two = stack.instances[1]
     two.kill(signal.SIGTERM)
     assert two.process.returncode == 0
@@ -197,11 +197,11 @@ def test_sigterm_logs_no_error(stacks):
 
 # ----- both processors down ---------------------------------------------------------------
 
-def test_both_processors_down_then_back(stacks):
+def test_both_processors_down_then_back(make_stack):
     """An outage of both (CI 10 s, chaos 60 s) under continued traffic: the queue cap answers 503,
     memory and CPU stay low, no retry storm, and after recovery every accepted payment is paid once."""
     capacity, outage_s, rate = scaled(400, 5000), scaled(10.0, 60.0), scaled(150, 200)
-    stack = stacks(QUEUE_CAPACITY=capacity)
+    stack = make_stack(QUEUE_CAPACITY=capacity)
     pids = [i.process.pid for i in stack.instances]
     load = Load(stack.port, rate=rate, workers=4, summary_interval=0.25).start()
     try:
@@ -249,10 +249,10 @@ def test_both_processors_down_then_back(stacks):
 
 # ----- processors misbehaving at the connection level ------------------------------------
 
-def test_connection_level_faults_under_load(stacks):
+def test_connection_level_faults_under_load(make_stack):
     """Resets after and before storing, garbage bodies, hangs, and answers slower than the
     timeout, each for a while under traffic; then healthy again: every payment paid once."""
-    stack = stacks(REQUEST_TIMEOUT_PROCESSOR_S=1)
+    stack = make_stack(REQUEST_TIMEOUT_PROCESSOR_S=1)
     rows = {}
     accepted = []
     for fault in ("reset", "reset_before", "garbage", "hang", "slower-than-timeout"):
@@ -285,9 +285,9 @@ def test_connection_level_faults_under_load(stacks):
     assert rows["reset"]["processor_422"] > 0, "a reset after storing must be settled through a 422"
 
 
-def test_processor_concurrency_limit_answers_429(stacks):
+def test_processor_concurrency_limit_answers_429(make_stack):
     """The processors serve 2 at once and queue 2 more: everything else is a 429."""
-    stack = stacks(sim_options={"max_active": 2, "max_queued": 2})
+    stack = make_stack(sim_options={"max_active": 2, "max_queued": 2})
     stack.default.configure(delay=20)
     stack.fallback.configure(delay=20)
     load = Load(stack.port, rate=150, workers=4).start()
@@ -305,14 +305,14 @@ def test_processor_concurrency_limit_answers_429(stacks):
 
 
 @pytest.mark.parametrize("health", ["429", "held"])
-def test_health_endpoint_refusing_or_holding(stacks, health):
+def test_health_endpoint_refusing_or_holding(make_stack, health):
     """service-health answering 429, or holding every call for seconds, while the default
     processor fails and recovers: payments still settle on breakers alone, once each."""
     if health == "429":     # one call per 2 s, no queue: polling every 0.25 s gets mostly 429
         options = {"health_window": 2.0, "health_queue": 0}
     else:                   # one call per 3 s, one caller held until the next window
         options = {"health_window": 3.0, "health_queue": 1}
-    stack = stacks(sim_options=options, HEALTH_INTERVAL_S=0.25, REQUEST_TIMEOUT_PROCESSOR_S=2)
+    stack = make_stack(sim_options=options, HEALTH_INTERVAL_S=0.25, REQUEST_TIMEOUT_PROCESSOR_S=2)
     load = Load(stack.port, rate=100, workers=4).start()
     try:
         time.sleep(1.0)
@@ -335,12 +335,12 @@ def test_health_endpoint_refusing_or_holding(stacks, health):
 
 # ----- the peer link ----------------------------------------------------------------------
 
-def test_peer_link_cut_repeatedly_under_load(stacks):
+def test_peer_link_cut_repeatedly_under_load(make_stack):
     """The Unix socket between the instances is severed repeatedly (CI 12 times, chaos 60; some
     times kept down a while) during traffic: afterwards both instances report exactly what the
     processors hold."""
     cuts = scaled(12, 60)
-    stack = stacks(peer_proxy=True)
+    stack = make_stack(peer_proxy=True)
     one, two = stack.instances
     load = Load(stack.port, rate=300, workers=6, summary_interval=0.1).start()
     try:
@@ -373,11 +373,11 @@ def test_peer_link_cut_repeatedly_under_load(stacks):
     assert "inherited" not in one.log() + two.log()
 
 
-def test_peer_stopped_and_continued_repeatedly(stacks):
+def test_peer_stopped_and_continued_repeatedly(make_stack):
     """api2 frozen (SIGSTOP) for 0.6 s, 5 times (chaos: 20) under traffic: clients wait but see
     no error; afterwards the summaries are exact."""
     cycles = scaled(5, 20)
-    stack = stacks()
+    stack = make_stack()
     one, two = stack.instances
     load = Load(stack.port, rate=200, workers=6, summary_interval=0.1, timeout=5).start()
     try:

@@ -76,7 +76,6 @@ def test_repeats_through_haproxy_reach_the_same_instance(stack):
 
 
 def test_audit_log_has_every_lifecycle_event(make_stack, short_dir):
-    path = os.path.join(short_dir, "audit-%d.log")
     stack = make_stack(with_haproxy=False, AUDIT_LOG=os.path.join(short_dir, "audit.log"))
     inst = stack.instances[0]
     p = payment(3.33)

@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 
-from stack import (Load, Stack, instance_health, payment, proc_stats, read_until_close, record_metrics, request,
+from stack import (Load, Stack, proc_stats, read_until_close, record_metrics,
                    scaled, split_responses, start_slow_clients, stop_fast, unix_connect, wait_until)
 
 REQUEST_TIMEOUT_S = 1.5

@@ -91,7 +91,8 @@ class _Outgoing:
         self.sent = 0                    # bytes handed to the transport
         self._waiters = deque()          # (offset, future, since), offsets ascending
         self._timer = None
-        self.closed = False
+        self.closed = None               # how it ended (STALLED or LOST), once it has
+        self._left = 0                   # bytes that had left this process when it ended
 
     def write(self, data):
         self._transport.write(data)
@@ -108,7 +109,7 @@ class _Outgoing:
         if the connection goes first."""
         future = self._loop.create_future()
         if self.closed:
-            future.set_result(LOST)
+            future.set_result(DRAINED if self._left >= offset else self.closed)
         elif self._out() >= offset:
             future.set_result(DRAINED)
         else:
@@ -140,11 +141,12 @@ class _Outgoing:
         leaves. Waiters whose bytes left are told DRAINED, the others `outcome`, newest first."""
         if self.closed:
             return
-        self.closed = True
+        self.closed = outcome
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._release(self._out())
+        self._left = self._out()
+        self._release(self._left)
         if outcome == STALLED:
             self._transport.abort()
         while self._waiters:
@@ -287,18 +289,22 @@ class PeerLink:
         an acceptance written now would not survive this process's death."""
         return self.link_up and self._out.buffered()
 
-    def sent_offset(self):
-        """Bytes written to the peer so far on this connection (what replicated() waits for)."""
-        return self._out.sent if self._out is not None else 0
+    def mark(self):
+        """Where what was written so far ends: on which connection, after how many bytes (what
+        replicated() waits for); None when there is no link."""
+        return (self._out, self._out.sent) if self.link_up else None
 
-    async def replicated(self, offset=None):
-        """Wait until the first `offset` bytes written (all so far by default) have left this
-        process: DRAINED; STALLED: the peer read nothing for PEER_STALL_S, the link is dropped and
-        those bytes never reach it; LOST: there is no link (this instance runs alone)."""
-        out = self._out
-        if not self.link_up or out is None:
-            return LOST
-        return await asyncio.shield(out.wait(out.sent if offset is None else offset))
+    async def replicated(self, mark=None):
+        """Wait until what was written up to `mark` (by default, all written so far) has left
+        this process: DRAINED; STALLED: the peer read nothing for PEER_STALL_S, the link was
+        dropped and those bytes never reach it; LOST: the link went otherwise, or there is none
+        (this instance runs alone; a new link's resync carries the pending payments again)."""
+        if mark is None:
+            mark = self.mark()
+            if mark is None:
+                return LOST
+        out, offset = mark
+        return await asyncio.shield(out.wait(offset))
 
     def _stalled(self):
         self.link_up = False             # from now on this instance runs alone, as after a cut
@@ -523,9 +529,10 @@ class PeerLink:
                     replica[entry_id(entry)] = entry
                 for correlation_id in finished:
                     replica.pop(correlation_id, None)
-            for record in records:                   # paid, wherever it was pending
-                for replica in self._replicas.values():
-                    replica.pop(record_correlation_id(record), None)
+            if records and not finished:             # a resync's: paid, wherever it was pending
+                for record in records:
+                    for replica in self._replicas.values():
+                        replica.pop(record_correlation_id(record), None)
         elif kind == "E":
             link.epoch = epoch = message[1]
             for other in self._links:

@@ -388,7 +388,7 @@ class Dispatcher:
                 self._replica.watch_now(*announce)
                 if self._replica.backlogged():
                     # Not all in the kernel: each request waits until the announcement has left.
-                    announced_at = self._replica.sent_offset()
+                    announced_at = self._replica.mark()
         for payment, processor, _ in started:
             task = self._loop.create_task(self._attempt(payment, processor, announced_at))
             self._tasks.add(task)
@@ -443,10 +443,16 @@ class Dispatcher:
         try:
             if announced_at is not None:
                 await self._replica.replicated(announced_at)     # its announcement first leaves
-            outcome, detail = await self._verify_elsewhere(payment, processor)
+            other = FALLBACK if processor == DEFAULT else DEFAULT
+            if payment.unverified[other] or payment.ambiguous[other]:
+                outcome, detail = await self._verify_elsewhere(payment, other)
+            else:
+                outcome = None
             if outcome is None:
                 sent = True
-                outcome, detail = await self._pay(payment, processor)
+                outcome, detail = await self._client.pay(processor, self._body(payment, processor))
+                if outcome == DUPLICATE:
+                    outcome, detail = await self._settle_duplicate(payment, processor)
         except asyncio.CancelledError:
             outcome, detail = (AMBIGUOUS, "cancelled at shutdown") if sent else (UNKNOWN, "not sent: shutting down")
             raise
@@ -460,31 +466,28 @@ class Dispatcher:
             self._settle(payment, processor, outcome, detail)
             self.wake()
 
-    async def _verify_elsewhere(self, payment, processor):
-        """Before a payment goes to `processor`, ask any other processor that answered it 5xx
-        whether it holds it after all: (STORED, (where, cents, requestedAt)), (UNKNOWN, why), or
-        (None, None) to go ahead. One where an attempt was ambiguous is asked too (two copies of a
-        payment merged after a failure can be pinned to one and in doubt at the other): holding
-        it settles it; not holding it yet proves nothing there."""
-        for other in (DEFAULT, FALLBACK):
-            if other == processor or not (payment.unverified[other] or payment.ambiguous[other]):
-                continue
-            found = await self._client.stored(other, payment.correlation_id)
-            if found[0] == STORED:
-                return STORED, (other,) + found[1:]
-            if found[0] == UNKNOWN:
-                return UNKNOWN, found[1]
-            payment.unverified[other] = False
+    async def _verify_elsewhere(self, payment, other):
+        """Before a payment goes to the processor that is not `other`: `other` answered it 5xx,
+        so ask whether it holds it after all: (STORED, (other, cents, requestedAt)), (UNKNOWN,
+        why), or (None, None) to go ahead. One where an attempt was ambiguous is asked too (two
+        copies of a payment merged after a failure can be pinned to one and in doubt at the
+        other): holding it settles it; not holding it yet proves nothing there."""
+        found = await self._client.stored(other, payment.correlation_id)
+        if found[0] == STORED:
+            return STORED, (other,) + found[1:]
+        if found[0] == UNKNOWN:
+            return UNKNOWN, found[1]
+        payment.unverified[other] = False
         return None, None
 
-    async def _pay(self, payment, processor):
-        """POST the payment; a 422 ("already stored") is settled by what the processor holds."""
-        body = b'{"correlationId":"%s","amount":%s,"requestedAt":"%s"}' % (
+    @staticmethod
+    def _body(payment, processor):
+        return b'{"correlationId":"%s","amount":%s,"requestedAt":"%s"}' % (
             payment.correlation_id.encode(), payment.amount_text.encode(),
             format_ms(payment.requested_at[processor]).encode())
-        outcome, detail = await self._client.pay(processor, body)
-        if outcome != DUPLICATE:
-            return outcome, detail
+
+    async def _settle_duplicate(self, payment, processor):
+        """A 422 ("already stored") is settled by what the processor holds."""
         found = await self._client.stored(processor, payment.correlation_id)
         if found[0] == STORED:
             return STORED, (processor,) + found[1:]

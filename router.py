@@ -160,19 +160,19 @@ class Router:
             return QUEUE_FULL
         peer = instance.peer
         if peer.backlogged():                    # its acceptance is not all in the kernel yet
-            return self._confirm(book.get(correlation_id), peer.sent_offset())
+            return self._confirm(book.get(correlation_id), peer.mark())
         return ACCEPTED
 
-    async def _confirm(self, payment, offset):
-        """A 202 once the payment's acceptance (the first `offset` bytes written to the peer) has
-        left this process; if the peer stops reading first, the link is dropped with those bytes
-        and the acceptance undone: 503. A repeat meanwhile gets the same answer."""
+    async def _confirm(self, payment, mark):
+        """A 202 once the payment's acceptance (what was written up to `mark`) has left this
+        process; if the peer stops reading first, the link is dropped with those bytes and the
+        acceptance undone: 503. A repeat meanwhile gets the same answer."""
         correlation_id = payment.correlation_id
         answer = asyncio.get_running_loop().create_future()
         self._confirming[correlation_id] = answer
         outcome = None
         try:
-            outcome = await self.instance.peer.replicated(offset)
+            outcome = await self.instance.peer.replicated(mark)
         finally:
             del self._confirming[correlation_id]
             refused = outcome == STALLED and self.instance.book.withdraw(payment)

@@ -90,9 +90,11 @@ def test_a_restarted_instance_answers_no_summary_until_it_holds_the_peers_record
             break
     stop.set()
     asker.join(5)
+    first_answer = answers[0][0] if answers else None
     record_metrics("restart-not-ready-until-resynchronised", restart_to_ready_s=ready_at,
-                   restart_to_correct_summary_s=correct_at, answers_before_ready=sum(
-                       1 for a in answers if ready_at is None or a[0] < ready_at),
+                   restart_to_correct_summary_s=correct_at, restart_to_first_answer_s=first_answer,
+                   answering_to_ready_s=None if ready_at is None or first_answer is None else ready_at - first_answer,
+                   answers_before_ready=sum(1 for a in answers if ready_at is None or a[0] < ready_at),
                    summaries_through_haproxy=through_haproxy, wrong_through_haproxy=len(wrong_through_haproxy))
     assert ready_at is not None and correct_at is not None, answers[-5:]
     wrong = [a for a in answers if a[2] == 200 and not a[3]]

@@ -19,7 +19,8 @@ ACCEPTED, ALREADY_ACCEPTED, CONFLICT, QUEUE_FULL = range(4)
 
 class Payment:
     __slots__ = ("correlation_id", "cents", "state", "attempts", "last_error",
-                 "requested_at", "ambiguous", "unverified", "pinned", "paid_by", "accepted_at", "in_flight_to")
+                 "requested_at", "ambiguous", "unverified", "pinned", "paid_by", "accepted_at", "in_flight_to",
+                 "unconfirmed")
 
     def __init__(self, correlation_id, cents, accepted_at):
         self.correlation_id = correlation_id
@@ -43,6 +44,9 @@ class Payment:
         # Processor index while an attempt is under way there, or claimed for it at acceptance
         # (Dispatcher.claim): what the peer's replica is told the payment may have reached.
         self.in_flight_to = None
+        # Accepted, but its acceptance has not yet left this process for the peer (the peer is
+        # not reading): not attempted until that is decided (PaymentBook.hold / confirm / withdraw).
+        self.unconfirmed = False
 
     @property
     def amount_text(self):
@@ -165,12 +169,13 @@ class PaymentBook:
         return ACCEPTED
 
     def _forget_oldest_finished(self):
-        # Oldest first; a still-pending payment is never forgotten.
+        # Oldest first; a still-pending payment is never forgotten: it moves to the young end
+        # (the queue's capacity being far below the index's, the loop ends).
         while len(self._index) > self.index_capacity:
             oldest_id = next(iter(self._index))
-            if self._index[oldest_id].state == PENDING:
-                return
-            del self._index[oldest_id]
+            oldest = self._index.pop(oldest_id)
+            if oldest.state == PENDING:
+                self._index[oldest_id] = oldest
 
     def get(self, correlation_id):
         return self._index.get(correlation_id)
@@ -209,18 +214,30 @@ class PaymentBook:
     def queued(self):
         return len(self.ready) + len(self.pinned[0]) + len(self.pinned[1])
 
+    def hold(self, payment):
+        """Keep a just-accepted payment from being attempted until confirm() or withdraw()."""
+        payment.unconfirmed = True
+
+    def confirm(self, payment):
+        """Its acceptance reached the peer (or there is no peer any more): it may be paid now."""
+        payment.unconfirmed = False
+        if payment.state == PENDING and self.on_ready is not None:
+            self.on_ready()
+
     def withdraw(self, payment):
         """Undo the acceptance of a payment never attempted (its 202 could not be kept: the
         instance answers 503 instead); False if it can no longer be undone."""
         if payment.state != PENDING or payment in self.in_flight or payment.attempts:
             return False
         payment.state = WITHDRAWN
+        payment.unconfirmed = False
         if self._index.get(payment.correlation_id) is payment:
             del self._index[payment.correlation_id]
         queue = self.ready if payment.pinned is None else self.pinned[payment.pinned]
         if queue and queue[-1] is payment:       # withdrawn newest first: usually the tail
             queue.pop()
-        # else it stays queued as WITHDRAWN: the dispatcher skips it (no scan of a long queue)
+        elif self.on_ready is not None:
+            self.on_ready()                      # it stays queued as WITHDRAWN: the dispatcher skips it
         self.pending -= 1
         return True
 
@@ -233,6 +250,16 @@ class PaymentBook:
         payment.pinned = None
         self.pending -= 1
         self.paid += 1
+
+    def settle_by_record(self, payment, processor, requested_at_ms):
+        """A record of this payment arrived from the peer: a pending copy here that is not being
+        attempted is paid (by the processor the record names); True if it was settled so."""
+        if payment.state != PENDING or payment in self.in_flight:
+            return False
+        self.mark_paid(payment, processor, requested_at_ms)
+        if self.audit is not None and self.audit.enabled:
+            self.audit.record("paid", payment.correlation_id, outcome="recorded by the peer")
+        return True
 
     def mark_dead(self, payment, reason):
         payment.state = DEAD

@@ -15,12 +15,14 @@ epoch) says exactly what a store lacks: a restarted or reconnected peer gets
 everything it missed, and nothing is ever counted twice (the store also holds
 one record per correlationId, whatever path it came by).
 
-Messages are JSON arrays, one per line: ["R", records, finished, watched],
-["S", processor, report], ["P", purgedAt], ["L", id, correlationId] /
-["l", id, answer], ["H", id, payments] / ["h", id, taken] (pending payments
-handed over by an instance shutting down, and whether the peer took them: it
-does not while it stops too), ["E", epoch, watched] (the end of the resync). A
-hello of another protocol version is refused: the link stays down.
+Messages are JSON arrays, one per line: ["I", epoch] (first: who sends),
+["R", records, finished, watched], ["S", processor, report], ["P", purgedAt],
+["L", id, correlationId] / ["l", id, answer], ["H", id, payments] /
+["h", id, taken] (pending payments handed over by an instance shutting down,
+and whether the peer took them: it does not while it stops too),
+["W", entries]... ["E", epoch] (the replica snapshot, in chunks, then the end
+of the resync). A hello of another protocol version is refused: the link stays
+down.
 
 Purges. A purge is the instant it was asked for (purgedAt, ms); each store
 drops the records with an earlier requestedAt, also those that arrive after the
@@ -34,20 +36,24 @@ or PEER_SYNC_TIMEOUT_S has passed. The survivor dials back at once when the
 peer connects to it, rather than at its next reconnect period.
 
 The replica: each instance keeps a copy of the peer's *pending* payments, so
-that a peer killed outright loses nothing. "E" carries all of them; then each
-"R" adds the payments accepted or changed (`watched`: replica entries) and
-drops those its records paid or that were dead-lettered (`finished`); any
-record, resent ones included, drops its payment from the replica. One
-message, so a peer dying mid-write leaves either both or neither. An
-acceptance is in the kernel's socket buffer to the peer before its 202 is
-written, and an attempt before its request leaves: while the peer does not
-read (the buffer is full), answers and attempts wait (backlogged(),
-replicated()); if it has not read for PEER_STALL_S the link is dropped and the
-instance carries on alone, as after a cut.
-When the peer's epoch is known dead (a new epoch answers, or its socket
-refuses connections: no process listens) and its connection has closed, its
-replica is inherited: each payment is adopted here, one that was in flight
-pinned to that processor as after an ambiguous attempt.
+that a peer killed outright loses nothing. The snapshot ("W" chunks, then "E")
+carries all of them, and replaces the copy only whole, at "E"; then each "R"
+adds the payments accepted or changed (`watched`: replica entries) and drops
+those its records paid or that were dead-lettered (`finished`); a resync's
+records drop their payments too. One message, so a peer dying mid-write leaves
+either both or neither. An acceptance is in the kernel's socket buffer to the
+peer before its 202 is written, and an attempt before its request leaves: while
+the peer does not read (the buffer is full), answers and attempts wait for
+their own bytes (_Outgoing); if one has waited PEER_STALL_S the link is dropped
+and the instance carries on alone, as after a cut.
+Epochs: "<instance>-<start time in ns>"; every connection says first which
+epoch sends on it ("I"). An epoch is known dead when a later one says hello or
+connects, or its socket refuses connections (no process listens); a dead epoch
+never comes back, and one older than an epoch already seen says nothing of
+others. Once every connection of a dead epoch has closed (every message it sent
+applied), its replica is inherited: each payment is adopted here, one that was
+in flight pinned to that processor as after an ambiguous attempt. Records a
+dead epoch's connection still delivers are passed on to its successor.
 """
 import asyncio
 import itertools
@@ -57,13 +63,14 @@ from collections import deque
 
 import orjson
 
-from payments import entry_cents, entry_id, replica_entry, wire_id
+from payments import PENDING, entry_cents, entry_id, replica_entry, wire_id
 from store import record_correlation_id
 from timestamps import now_ms
 
 log = logging.getLogger("peer")
 PROTOCOL = 2              # records carry their correlationId
 RESYNC_CHUNK = 2000       # records per write while resynchronising (keeps each loop step short)
+SNAPSHOT_CHUNK = 2000     # replica entries per line of the snapshot, and payments per hand-over line
 LINE_LIMIT = 16 * 1024 * 1024
 RECONNECT_S = 0.25
 LOOKUP_TIMEOUT_S = 0.5
@@ -157,11 +164,12 @@ class _Outgoing:
 
 class _IncomingLink:
     """One connection from the peer: where to answer, and which epoch of the peer sends on it."""
-    __slots__ = ("writer", "epoch", "superseded")
+    __slots__ = ("writer", "epoch", "superseded", "staging")
 
     def __init__(self, writer):
         self.writer = writer
-        self.epoch = None
+        self.epoch = None                # said first on the connection ("I")
+        self.staging = None              # the replica snapshot being received ("W"... "E")
         # A newer connection of the same epoch has sent its "E": what this one still brings (the
         # unread tail of a connection its sender dropped) is older, and must not touch the replica.
         self.superseded = False
@@ -169,7 +177,7 @@ class _IncomingLink:
 
 class PeerLink:
     def __init__(self, settings, store, on_purge, on_health, on_lookup, on_adopt=None, pending=None,
-                 on_inherit=None):
+                 on_inherit=None, on_settled=None):
         self._listen_path = settings.peer_listen
         self._connect_path = settings.peer_connect
         self._stall_s = settings.peer_stall_s
@@ -181,6 +189,7 @@ class PeerLink:
         self._on_adopt = on_adopt        # handed-over payments (wire form) -> taken (bool)
         self._pending = pending          # () -> our pending payments (for the peer's replica)
         self._on_inherit = on_inherit    # (epoch, replica entries) of a peer that died
+        self._on_settled = on_settled    # (record) a record from the peer, new here
         self.purged_at = 0
         self.link_up = False             # our outgoing connection is synchronised
         self.synced = False              # we hold the peer's records up to its high-water mark
@@ -195,6 +204,7 @@ class PeerLink:
         self._replicas = {}              # peer epoch -> {correlationId: replica entry}
         self._links = set()              # the peer's connections to us still open (_IncomingLink)
         self._dead_epochs = set()        # peer epochs known to be gone, to inherit once closed
+        self._gone = set()               # every peer epoch ever known to be gone (never alive again)
         self._outbox = []                # records paid while a resync is in progress
         self._flush_scheduled = False
         self._dial_now = None            # asyncio.Event: the peer connected to us, dial it back now
@@ -294,6 +304,11 @@ class PeerLink:
         replicated() waits for); None when there is no link."""
         return (self._out, self._out.sent) if self.link_up else None
 
+    def replication(self, mark):
+        """A future for what was written up to `mark`: DRAINED, STALLED or LOST (see replicated)."""
+        out, offset = mark
+        return out.wait(offset)
+
     async def replicated(self, mark=None):
         """Wait until what was written up to `mark` (by default, all written so far) has left
         this process: DRAINED; STALLED: the peer read nothing for PEER_STALL_S, the link was
@@ -337,14 +352,21 @@ class PeerLink:
             self._send(["P", self.purged_at])
 
     async def hand_over(self, payments_wire):
-        """Send pending payments to the peer at shutdown; True once the peer says it took them
-        (it refuses while it is stopping too, and says nothing if the link breaks)."""
-        if not self.link_up or not payments_wire:
-            return False
+        """Send pending payments to the peer at shutdown, SNAPSHOT_CHUNK per line; the wire forms
+        the peer did not say it took (it refuses while it is stopping too, and says nothing if the
+        link breaks)."""
+        left = []
+        for start in range(0, len(payments_wire), SNAPSHOT_CHUNK):
+            chunk = payments_wire[start:start + SNAPSHOT_CHUNK]
+            if not (self.link_up and await self._hand_over_chunk(chunk)):
+                left += chunk
+        return left
+
+    async def _hand_over_chunk(self, chunk):
         request_id = next(self._lookup_ids)
         future = asyncio.get_running_loop().create_future()
         self._lookups[request_id] = future
-        self._send(["H", request_id, payments_wire])
+        self._send(["H", request_id, chunk])
         try:
             return await asyncio.wait_for(future, HAND_OVER_TIMEOUT_S) is True
         except asyncio.TimeoutError:
@@ -392,8 +414,7 @@ class PeerLink:
                 # the process that held it is gone, or there is none yet.
                 self.peer_absent = True
                 if isinstance(exc, ConnectionRefusedError):
-                    self._dead_epochs.update(self._replicas)
-                    self._inherit_dead()
+                    self._declare_dead(set(self._replicas))
                 await self._pause()
                 continue
             except OSError:
@@ -451,6 +472,7 @@ class PeerLink:
             self._apply_purge(hello["purgedAt"])
         self._writer = writer
         self._out = _Outgoing(writer, self._stall_s, self._stalled)
+        self._send(["I", self._store.local_epoch])        # who sends on this connection, first
         if hello["purgedAt"] < self.purged_at:
             self._send(["P", self.purged_at])
         self._syncing = True
@@ -472,9 +494,17 @@ class PeerLink:
             self._send(["R", self._outbox, [], []])
             self.records_sent += len(self._outbox)
             self._outbox = []
-        pending = self._pending() if self._pending is not None else []
-        self._send(["E", self._store.local_epoch, [replica_entry(payment) for payment in pending]])
+        # The replica snapshot, in chunks (a long queue would make one line of many MB, and as many
+        # ms to build and to read). The link is up from here: a payment accepted or changed
+        # meanwhile travels in an "R" behind the chunks sent so far, and each chunk is built from
+        # the payments as they are when it is sent, so none is older than what went before it.
         self.link_up = True
+        pending = self._pending() if self._pending is not None else []
+        for start in range(0, len(pending), SNAPSHOT_CHUNK):
+            self._send(["W", [replica_entry(payment) for payment in pending[start:start + SNAPSHOT_CHUNK]
+                              if payment.state == PENDING]])
+            await writer.drain()
+        self._send(["E", self._store.local_epoch])
         self.connects += 1
         log.info("peer link up (peer epoch %s, %d records sent)", hello["epoch"], self.records_sent)
         while True:
@@ -518,31 +548,43 @@ class PeerLink:
         kind = message[0]
         writer = link.writer
         if kind == "R":
-            _, records, finished, watched = message
-            ingest = self._store.ingest
-            for record in records:
-                if ingest(*record):
-                    self.records_received += 1
-            replica = self._replicas.get(link.epoch) if not link.superseded else None
+            self._ingest(message[1], link)
+            if link.superseded:
+                return
+            replica = link.staging if link.staging is not None else self._replicas.get(link.epoch)
             if replica is not None:
-                for entry in watched:
+                for entry in message[3]:
                     replica[entry_id(entry)] = entry
-                for correlation_id in finished:
+                for correlation_id in message[2]:
                     replica.pop(correlation_id, None)
-            if records and not finished:             # a resync's: paid, wherever it was pending
-                for record in records:
+            if message[1] and not message[2]:        # a resync's: paid, wherever it was pending
+                for record in message[1]:
                     for replica in self._replicas.values():
                         replica.pop(record_correlation_id(record), None)
-        elif kind == "E":
+        elif kind == "I":
             link.epoch = epoch = message[1]
+            if epoch in self._gone:
+                link.superseded = True               # a dead epoch's late connection: records only
+                return
             for other in self._links:
                 if other is not link and other.epoch == epoch:
-                    other.superseded = True
-            replica = self._replicas[epoch] = {entry_id(entry): entry for entry in message[2]}
+                    other.superseded = True          # a newer connection of the same epoch
+            self._peer_epoch_is(epoch)
+        elif kind == "W":
+            if not link.superseded:
+                if link.staging is None:
+                    link.staging = {}
+                for entry in message[1]:
+                    link.staging[entry_id(entry)] = entry
+        elif kind == "E":
+            if link.superseded:
+                return
+            replica = link.staging if link.staging is not None else {}
+            link.staging = None
             for correlation_id in [cid for cid in replica if self._store.held(cid) is not None]:
                 del replica[correlation_id]
+            self._replicas[link.epoch] = replica
             self.synced = True
-            self._peer_epoch_is(epoch)
         elif kind == "S":
             self._on_health(message[1], message[2])
         elif kind == "P":
@@ -559,15 +601,51 @@ class PeerLink:
         elif kind == "L":
             writer.write(orjson.dumps(["l", message[1], self._on_lookup(message[2])], option=_LINE))
 
+    def _ingest(self, records, link):
+        """Records from the peer. Those a dead epoch still delivers (its connection read late) go
+        on to its successor too, which its resync may have missed; and any payment a record
+        settles is settled here too if this book holds a copy (on_settled)."""
+        new = [record for record in records if self._store.ingest(*record)]
+        self.records_received += len(new)
+        if not new:
+            return
+        if link.superseded and self._writer is not None:
+            self._batch.extend(new)
+            self._schedule_flush()
+        if self._on_settled is not None:
+            for record in new:
+                self._on_settled(record)
+
     # ----- the peer's replica: inherited once its epoch is gone -----------------------
+    @staticmethod
+    def _started(epoch):
+        """When an epoch started ("<instance>-<time_ns>"): a later one replaces an earlier one."""
+        return int(epoch.rsplit("-", 1)[1])
+
     def _peer_epoch_is(self, epoch):
-        """The peer's process now runs as `epoch`: any other epoch of it is dead."""
-        self._dead_epochs.update(known for known in self._replicas if known != epoch)
+        """The peer's process runs as `epoch`: every epoch that started before it is dead. An epoch
+        known to be gone, or older than one known, says nothing (a late connection)."""
+        if epoch in self._gone:
+            return
+        known = set(self._replicas) | {link.epoch for link in self._links if link.epoch is not None}
+        if any(self._started(other) > self._started(epoch) for other in known):
+            return
+        self._declare_dead({other for other in known if self._started(other) < self._started(epoch)})
+
+    def _declare_dead(self, epochs):
+        self._gone.update(epochs)
+        self._dead_epochs.update(epochs)
+        for link in self._links:
+            if link.epoch in self._gone:
+                link.superseded = True
         self._inherit_dead()
 
     def _inherit_dead(self):
         # Only once a dead epoch's connections have closed: every message it sent has been applied.
+        # A connection that has not said which epoch it comes from may be one of them: wait.
         open_epochs = {link.epoch for link in self._links}
+        if None in open_epochs:
+            return
         for epoch in [e for e in self._dead_epochs if e not in open_epochs]:
             self._dead_epochs.discard(epoch)
             entries = self._replicas.pop(epoch, None)

@@ -152,6 +152,13 @@ class Breaker:
         if self.state == self.OPEN:
             self.state = self.PROBING
 
+    def on_not_sent(self, now):
+        """The attempt that took the probe never reached the processor (it was settled elsewhere,
+        or a lookup failed first): the probe is not spent, another may go at once."""
+        if self.state == self.PROBING:
+            self.state = self.OPEN
+            self.retry_at = now
+
     def on_success(self):
         self.state = self.CLOSED
         self.failures = 0
@@ -375,6 +382,8 @@ class Dispatcher:
             if book.ready[0].state != PENDING:
                 book.ready.popleft()
                 continue
+            if book.ready[0].unconfirmed:           # its 202 waits for the peer: not before that
+                break
             processor = self._route(now)
             if processor is None:
                 break
@@ -525,13 +534,16 @@ class Dispatcher:
             where, cents, requested_at = detail
             if where == processor:
                 breaker.on_success()
+            else:
+                breaker.on_not_sent(now)          # settled by the other one: this one was never asked
             if cents == payment.cents:
                 self._record(payment, where, requested_at, outcome, audit)
                 return
             outcome, detail = REJECTED, "already stored with another amount (%d.%02d)" % divmod(cents, 100)
-            processor = where
+            processor, breaker = where, None
         if outcome == REJECTED:
-            breaker.on_success()    # the processor answered; the payment is what it refused
+            if breaker is not None:
+                breaker.on_success()    # the processor answered; the payment is what it refused
             self._book.mark_dead(payment, "%s refused it: %s" % (PROCESSOR_NAMES[processor], detail))
             self.dead[processor] += 1
             if self._replica is not None:
@@ -541,7 +553,9 @@ class Dispatcher:
                 audit.record("dead_lettered", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
                              reason=payment.last_error)
             return
-        if outcome != UNKNOWN:                   # UNKNOWN: a lookup failed, the processor did not
+        if outcome == UNKNOWN:                   # a lookup failed, or shutdown came: nothing was sent
+            breaker.on_not_sent(now)
+        else:
             breaker.on_failure(now)
         payment.last_error = "%s: %s" % (PROCESSOR_NAMES[processor], detail)
         if outcome == AMBIGUOUS:

@@ -8,6 +8,7 @@ which returns a coroutine the server awaits in order.
 import asyncio
 import hmac
 import re
+from functools import partial
 from time import monotonic
 from urllib.parse import parse_qsl
 
@@ -159,25 +160,28 @@ class Router:
         if book.accept(correlation_id, cents, monotonic()) is not payments.ACCEPTED:
             return QUEUE_FULL
         peer = instance.peer
-        if peer.backlogged():                    # its acceptance is not all in the kernel yet
-            return self._confirm(book.get(correlation_id), peer.mark())
-        return ACCEPTED
-
-    async def _confirm(self, payment, mark):
-        """A 202 once the payment's acceptance (what was written up to `mark`) has left this
-        process; if the peer stops reading first, the link is dropped with those bytes and the
-        acceptance undone: 503. A repeat meanwhile gets the same answer."""
-        correlation_id = payment.correlation_id
+        if not peer.backlogged():
+            return ACCEPTED
+        # Its acceptance is not all in the kernel yet: the payment is held (not attempted) and
+        # its answer decided when those bytes have left, or the link has gone. The decision does
+        # not depend on this request: a client that leaves, or a repeat, changes nothing.
+        payment = book.get(correlation_id)
+        book.hold(payment)
         answer = asyncio.get_running_loop().create_future()
         self._confirming[correlation_id] = answer
-        outcome = None
-        try:
-            outcome = await self.instance.peer.replicated(mark)
-        finally:
-            del self._confirming[correlation_id]
-            refused = outcome == STALLED and self.instance.book.withdraw(payment)
-            answer.set_result(PEER_BEHIND if refused else ACCEPTED)
-        return answer.result()
+        peer.replication(peer.mark()).add_done_callback(partial(self._decide, payment, answer))
+        return self._same_answer(answer)
+
+    def _decide(self, payment, answer, replication):
+        """A 202 once the payment's acceptance has left this process; if the peer stopped reading
+        first (the link is dropped with those bytes), the acceptance is undone: 503."""
+        del self._confirming[payment.correlation_id]
+        book = self.instance.book
+        if replication.result() == STALLED and book.withdraw(payment):
+            answer.set_result(PEER_BEHIND)
+        else:
+            book.confirm(payment)
+            answer.set_result(ACCEPTED)
 
     @staticmethod
     async def _same_answer(answer):
@@ -224,6 +228,8 @@ class Router:
         refused = self._token_refused(admin_token)
         if refused:
             return refused
+        if self.instance.stopping:
+            return STOPPING                  # nothing would pay them, nor hand them over
         replayed = self.instance.book.replay_dead()
         return 200, JSON, orjson.dumps({"replayed": replayed})
 

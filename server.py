@@ -35,7 +35,7 @@ from payments import Payment, PaymentBook, entry_cents, entry_id, left_behind, w
 from peer import PeerLink
 from processors import Breaker, Dispatcher, HealthMonitor
 from router import Router, describe_local, json_error
-from store import PaymentStore
+from store import PaymentStore, record_correlation_id, record_processor, record_requested_at
 
 log = logging.getLogger("server")
 
@@ -370,7 +370,8 @@ class Instance:
                              on_lookup=self._answer_lookup,
                              on_adopt=self._adopt,
                              pending=self.book.pending_payments,
-                             on_inherit=self._inherit)
+                             on_inherit=self._inherit,
+                             on_settled=self._settled_at_peer)
         self.book.on_new = self.peer.watch
         self.book.on_accepted = self._on_accepted
         self.health = HealthMonitor(settings, self.client, self.breakers, self.peer)
@@ -412,6 +413,14 @@ class Instance:
     def _on_paid(self, record, payment):
         self.observer.on_paid(record)
         self.peer.publish(record, payment)
+
+    def _settled_at_peer(self, record):
+        """A record from the peer: a copy of that payment pending here (adopted, or accepted
+        twice across a failure) is paid already; one with an attempt under way settles itself."""
+        payment = self.book.get(record_correlation_id(record))
+        if payment is not None and self.book.settle_by_record(payment, record_processor(record),
+                                                              record_requested_at(record)):
+            self.peer.forget(payment)
 
     def _answer_lookup(self, key):
         """The peer asks about a payment, or (observe.PEER_METRICS_KEY) for our figures."""
@@ -520,13 +529,15 @@ class Instance:
         self._sealed = True
         leftover = self.book.take_all_pending()
         if leftover:
-            handed = await self.peer.hand_over([payment.to_wire() for payment in leftover])
-            if handed:
-                for payment in leftover:
+            left = {wire_id(wire) for wire in await self.peer.hand_over([p.to_wire() for p in leftover])}
+            for payment in leftover:
+                if payment.correlation_id not in left:
                     self.audit.record("handed_over", payment.correlation_id)
-                log.info("handed %d pending payments over to the peer", len(leftover))
-            else:
-                self._report_abandoned([p.correlation_id for p in leftover], "the peer did not take them")
+            if len(left) < len(leftover):
+                log.info("handed %d pending payments over to the peer", len(leftover) - len(left))
+            if left:
+                self._report_abandoned([p.correlation_id for p in leftover if p.correlation_id in left],
+                                       "the peer did not take them")
         await self.peer.drain()             # the last paid records reach the peer
         await self.peer.close()
         await self.client.close()

@@ -4,20 +4,22 @@ A record is what a processor confirmed: requestedAt (integer ms, exactly as
 the processor holds it), amount in integer cents, processor (0 default, 1
 fallback), the correlationId, and where it came from (origin epoch + sequence
 number) so that two instances can exchange records and resynchronise without
-counting any twice. As a tuple (the form the peer link carries):
+counting any twice; and when it was recorded (paid_at, ms, at the instance that
+recorded it). As a tuple (the form the peer link carries):
 
-    (epoch, seq, requested_at_ms, cents, processor, correlation_id)
+    (epoch, seq, requested_at_ms, cents, processor, correlation_id, paid_at_ms)
 
 The store holds at most one record per correlationId, whatever path a record
 comes by (paid here, sent by the peer, resent in a resync): a second one is
 refused, so a payment settled twice anywhere is still counted once.
 
-A purge is a point in time: it removes every record whose requestedAt lies
-before it, and keeps refusing those however late they arrive (a record paid
-before the purge reached this instance, or still on the link); records from
-after it stay. The outcome depends only on the record and the purge, never on
-which arrives first, so two instances that see the same purges hold the same
-records.
+A purge is a point in time: it removes every record paid before it, and keeps
+refusing those however late they arrive (one still on the link); records paid
+after it stay, also those paid before the purge reached this instance, and
+those of payments accepted before it and paid after it (as the processors keep
+what they store after their own purge). The outcome depends only on the record
+and the purge, never on which arrives first, so two instances that see the same
+purges hold the same records.
 
 Summaries run on the event loop between payment requests, so their cost must
 not grow with the number of stored payments. Records are aggregated into
@@ -31,7 +33,7 @@ is why the capacity default is far above a test's volume).
 """
 from array import array
 
-from timestamps import format_ms
+from timestamps import format_ms, now_ms
 
 BUCKET_MS = 100          # fine level: edge buckets are scanned record by record
 BUCKETS_PER_BLOCK = 100  # coarse level: a block is 10 s of buckets
@@ -40,16 +42,27 @@ PROCESSOR_NAMES = ("default", "fallback")
 _FAR = 1 << 62
 
 
+MARK_EVERY = 1024        # appends between two (wall clock, append index) marks (see purge)
+
+
 def record_correlation_id(record):
     return record[5]
 
 
+def record_processor(record):
+    return record[4]
+
+
+def record_requested_at(record):
+    return record[2]
+
+
 def describe_record(record):
     """A record as JSON-ready fields (GET /admin/records)."""
-    epoch, seq, requested_at_ms, cents, processor, correlation_id = record
+    epoch, seq, requested_at_ms, cents, processor, correlation_id, paid_at_ms = record
     return {"correlationId": correlation_id, "processor": PROCESSOR_NAMES[processor],
             "requestedAt": format_ms(requested_at_ms), "amount": "%d.%02d" % divmod(cents, 100),
-            "origin": epoch, "seq": seq}
+            "paidAt": format_ms(paid_at_ms), "origin": epoch, "seq": seq}
 
 
 class _Totals:
@@ -79,6 +92,8 @@ class PaymentStore:
         self._processor = array("b", bytes(capacity))
         self._origin = array("H", bytes(2 * capacity))
         self._seq = array("Q", bytes(8 * capacity))
+        self._paid_at = array("q", bytes(8 * capacity))
+        self._marks = []              # (wall clock ms, appended-index): what was appended before when
         self._correlation_id = [None] * capacity
         self._slot_of = {}            # correlationId -> appended-index of its record (held records only)
         self._appended = 0            # records ever written; slot = appended % capacity
@@ -89,7 +104,8 @@ class PaymentStore:
         # purges so that a peer cannot hand back what a purge removed.
         self._high_water = {}
         self._local_seq = 0
-        self.purged_before = 0        # ms: records with an earlier requestedAt are not held (purge)
+        self.purged_before = 0        # ms: records paid earlier are not held (purge)
+        self._purges = 0
         self._buckets = {}            # bucket number -> (_Totals, array of slots)
         self._blocks = {}             # block number -> _Totals
         self._all = _Totals()
@@ -99,22 +115,24 @@ class PaymentStore:
     def record_local(self, correlation_id, requested_at_ms, cents, processor):
         """Store a payment this instance had confirmed; the record (for the peer), or None when
         a record of this correlationId is already held."""
-        if correlation_id in self._slot_of or requested_at_ms < self.purged_before:
+        paid_at_ms = now_ms()
+        if correlation_id in self._slot_of or paid_at_ms < self.purged_before:
             return None
         self._local_seq += 1
-        record = (self.local_epoch, self._local_seq, requested_at_ms, cents, processor, correlation_id)
+        record = (self.local_epoch, self._local_seq, requested_at_ms, cents, processor, correlation_id, paid_at_ms)
         self._append(*record)
         return record
 
-    def ingest(self, epoch, seq, requested_at_ms, cents, processor, correlation_id):
+    def ingest(self, epoch, seq, requested_at_ms, cents, processor, correlation_id, paid_at_ms):
         """Store a record from the peer; True if it was new. One already held (by its name or by its
-        correlationId) is refused, but still counts as seen for the high-water mark."""
+        correlationId), or paid before a purge, is refused, but still counts as seen for the
+        high-water mark."""
         if seq <= self._high_water.get(epoch, 0):
             return False
-        if correlation_id in self._slot_of or requested_at_ms < self.purged_before:
+        if correlation_id in self._slot_of or paid_at_ms < self.purged_before:
             self._high_water[epoch] = seq
             return False
-        self._append(epoch, seq, requested_at_ms, cents, processor, correlation_id)
+        self._append(epoch, seq, requested_at_ms, cents, processor, correlation_id, paid_at_ms)
         return True
 
     def held(self, correlation_id):
@@ -125,9 +143,13 @@ class PaymentStore:
         slot = index % self.capacity
         return self._requested_at[slot], self._cents[slot], self._processor[slot]
 
-    def _append(self, epoch, seq, requested_at_ms, cents, processor, correlation_id):
+    def _append(self, epoch, seq, requested_at_ms, cents, processor, correlation_id, paid_at_ms):
         if self._appended - self._first_live == self.capacity:
             self._evict_oldest()
+        if self._appended % MARK_EVERY == 0:
+            self._marks.append((now_ms(), self._appended))
+            if len(self._marks) > 2 * (self.capacity // MARK_EVERY + 1):
+                del self._marks[:len(self._marks) // 2]   # those of long-overwritten records
         origin = self._epoch_index.get(epoch)
         if origin is None:
             origin = self._epoch_index[epoch] = len(self._epochs)
@@ -136,6 +158,7 @@ class PaymentStore:
         self._slot_of[correlation_id] = self._appended
         self._appended += 1
         self._correlation_id[slot] = correlation_id
+        self._paid_at[slot] = paid_at_ms
         self._requested_at[slot] = requested_at_ms
         self._cents[slot] = cents
         self._processor[slot] = processor
@@ -180,18 +203,21 @@ class PaymentStore:
         self._all.add(processor, cents, -1)
 
     def purge(self, before_ms):
-        """Forget every record with a requestedAt before before_ms, now and when one arrives later
-        (sequence watermarks stay, see _high_water). Those after it are kept: few, the purge being
-        recent (only its edge buckets and later ones are looked at)."""
+        """Forget every record paid before before_ms, now and when one arrives later (sequence
+        watermarks stay, see _high_water). Those paid after it are kept: few, the purge being
+        recent; only what was appended since the last mark before it is looked at (anything
+        appended earlier was paid earlier)."""
         if before_ms <= self.purged_before:
             return
         self.purged_before = before_ms
-        first_bucket = before_ms // BUCKET_MS
-        kept = sorted((self._slot_of[self._correlation_id[slot]], slot)
-                      for bucket_no, (_, slots) in self._buckets.items() if bucket_no >= first_bucket
-                      for slot in slots if self._requested_at[slot] >= before_ms)
-        survivors = [(self._epochs[self._origin[slot]], self._seq[slot], self._requested_at[slot], self._cents[slot],
-                      self._processor[slot], self._correlation_id[slot]) for _, slot in kept]
+        self._purges += 1
+        start = self._first_live
+        for wall_ms, index in reversed(self._marks):
+            if wall_ms < before_ms:
+                start = max(start, index)
+                break
+        survivors = [record for record in self._records_between(start, self._appended, {})
+                     if record[6] >= before_ms]
         self._first_live = self._appended
         self._slot_of.clear()
         self._correlation_id = [None] * self.capacity
@@ -269,7 +295,7 @@ class PaymentStore:
         return dict(self._high_water)
 
     def records_above(self, peer_high_water):
-        """Held records the peer lacks, oldest first, as (epoch, seq, ts, cents, proc, correlationId).
+        """Held records the peer lacks, oldest first, as record tuples (see the module's docstring).
 
         The range is fixed now: records written later travel on the live path.
         """
@@ -279,12 +305,15 @@ class PaymentStore:
         """records_above, as a list of what each `step` held records scanned found (often empty):
         the caller yields to the event loop between them, whatever the peer lacks."""
         end = self._appended
+        purges = self._purges
         index = self._first_live
         while index < end:
             index = max(index, self._first_live)
             upto = min(end, index + step)
             yield list(self._records_between(index, upto, peer_high_water))
             index = upto
+            if self._purges != purges:       # its survivors were appended again, past `end`
+                purges, end = self._purges, self._appended
 
     def _records_between(self, start, end, peer_high_water):
         epochs = self._epochs
@@ -298,7 +327,7 @@ class PaymentStore:
             seq = self._seq[slot]
             if seq > peer_high_water.get(epoch, 0):
                 yield (epoch, seq, self._requested_at[slot], self._cents[slot], self._processor[slot],
-                       self._correlation_id[slot])
+                       self._correlation_id[slot], self._paid_at[slot])
             index += 1
 
     def records_page(self, offset, limit):

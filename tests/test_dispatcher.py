@@ -112,3 +112,53 @@ def test_a_withdrawn_acceptance_is_forgotten():
 def replica_entry_of(payment, in_flight_to):
     payment.in_flight_to = in_flight_to
     return replica_entry(payment)
+
+
+# ----- the breaker: every probe ends ------------------------------------------------------
+
+def test_a_probe_that_never_reached_its_processor_leaves_the_breaker_open_not_half_open():
+    """A payment routed to the default as its breaker's probe is settled at the fallback (which
+    held it after a 500) before anything is sent: the probe is not spent (found by review)."""
+    breaker = Breaker(1, 0.5, 2.0)
+    breaker.on_failure(0.0)
+    assert breaker.state == Breaker.OPEN and breaker.allows(10.0)
+    breaker.on_send()
+    assert breaker.state == Breaker.PROBING and not breaker.allows(10.0)
+    breaker.on_not_sent(10.0)
+    assert breaker.state == Breaker.OPEN and breaker.allows(10.0)
+
+
+# ----- a payment whose 202 waits for the peer is not attempted ----------------------------
+
+async def hold_then_confirm():
+    url = refused_url()
+    settings = Settings(processor_default_url=url, processor_fallback_url=url, dispatch_delay_s=0.0,
+                        health_enabled=False)
+    book = PaymentBook(settings.queue_capacity, settings.index_capacity)
+    client = ProcessorClient(settings)
+    await client.start()
+    breakers = tuple(Breaker(settings.breaker_failures, settings.breaker_probe_s, settings.breaker_probe_max_s)
+                     for _ in range(2))
+    dispatcher = Dispatcher(settings, book, PaymentStore(1000, "e"), client, breakers)
+    runner = asyncio.get_running_loop().create_task(dispatcher.run())
+    await asyncio.sleep(0)
+    held, free = str(uuid.uuid4()), str(uuid.uuid4())
+    assert book.accept(held, 100, 0.0) == ACCEPTED
+    book.hold(book.get(held))
+    await asyncio.sleep(0.05)
+    attempted_while_held = book.get(held).attempts
+    assert book.accept(free, 100, 0.0) == ACCEPTED      # behind it in the queue: waits too
+    await asyncio.sleep(0.05)
+    behind_while_held = book.get(free).attempts
+    book.confirm(book.get(held))
+    await asyncio.sleep(0.05)
+    runner.cancel()
+    await dispatcher.stop()
+    await client.close()
+    return attempted_while_held, behind_while_held, book.get(held).attempts, book.get(free).attempts
+
+
+def test_a_held_payment_is_not_attempted_until_it_is_confirmed():
+    """Found by review: after the link to the peer stalled, the dispatcher could start payments
+    whose 202 was still waiting, which could then no longer be undone (503)."""
+    assert uvloop.run(hold_then_confirm()) == (0, 0, 1, 1)

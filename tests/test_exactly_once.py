@@ -9,6 +9,7 @@ import datetime as dt
 import http.client
 import json
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -17,8 +18,8 @@ from decimal import ROUND_HALF_EVEN, Decimal
 import pytest
 
 from checks import assert_books_exact, audit, drain, post_payments
-from stack import (Load, UnixHTTPConnection, books, instance_health, payment, record_metrics, request,
-                   summary_count, wait_until)
+from stack import (Load, UnixHTTPConnection, books, instance_health, own_figures, payment, record_metrics,
+                   request, summary_count, wait_until)
 
 
 def processors_total(stack):
@@ -552,3 +553,109 @@ def test_a_payment_whose_acceptance_reached_the_peer_is_never_refused(make_stack
     assert refused, "the link must have stalled with payments waiting"
     assert stored & refused == set(), "%d payments answered 503 were paid" % len(stored & refused)
     assert accepted <= stored, "%d payments answered 202 were not paid" % len(accepted - stored)
+
+
+# ----- found by the second review: a probe that never reached its processor ------------------
+
+def test_a_probe_settled_at_the_other_processor_does_not_lock_the_breaker(make_stack):
+    """The default fails; the fallback stores payments and answers 500 (fail_after_store). With
+    `eager`, a payment goes back to the default as its breaker's probe, but is first found at
+    the fallback, so the probe never reaches the default. Once both are healthy, the default
+    must take payments again (its breaker was left half-open for good before)."""
+    stack = make_stack(with_haproxy=False, FALLBACK_POLICY="eager", HEALTH_ENABLED="false",
+                       BREAKER_PROBE_S="0.2", BREAKER_PROBE_MAX_S="0.4", RETRY_MAX_S="0.3")
+    one = stack.instances[0]
+    stack.default.configure(failure=True)
+    stack.fallback.fault("fail_after_store")
+    first = post_payments(one, 30, amount=2.00)
+    time.sleep(4.0)
+    stack.default.configure(failure=False)
+    stack.fallback.fault("none")
+    # A payment now and then keeps probing the default until its breaker closes.
+    later = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and own_figures(one)["processors"][0]["circuit"] != "closed":
+        later += post_payments(one, 1, amount=1.00)
+        time.sleep(0.2)
+    assert own_figures(one)["processors"][0]["circuit"] == "closed", "the default's breaker never closed"
+    drain(stack)
+    figures, _ = audit(stack, accepted=first + later)
+    assert_books_exact(stack, figures)
+
+
+# ----- found by the second review: inheritance before a dead epoch's last records ------------
+
+def test_a_dead_epochs_payments_are_inherited_only_after_its_last_records_are_read(make_stack):
+    """api2 pays its ten payments at the fallback while its link to api1 is cut; the link heals,
+    slowly (3 s a read), so api2's resync is still on its way when api2 is killed -9 and restarted.
+    api1 learns from the new epoch that the old one is dead, but must not inherit its replica
+    until the old connection has delivered everything (the records that show the ten paid)."""
+    stack = make_stack(with_haproxy=False, peer_proxy=True, FALLBACK_POLICY="eager", HEALTH_ENABLED="false",
+                       RETRY_MAX_S="0.3", BREAKER_PROBE_S="0.3", BREAKER_PROBE_MAX_S="0.5")
+    one, two = stack.instances
+    to_one = stack.proxies[1]
+    stack.default.configure(failure=True)
+    stack.fallback.configure(failure=True)
+    post_payments(two, 10, amount=5.00)
+    time.sleep(1.0)                                  # api1's replica of api2 holds the ten
+    to_one.block()
+    to_one.drop()
+    stack.fallback.configure(failure=False)          # api2 pays them at the fallback meanwhile
+    wait_until(lambda: instance_health(two)["pending"] == 0, timeout=20, what="api2 to pay them")
+    to_one.delay_s = 3.0
+    to_one.unblock()
+    time.sleep(1.0)                                  # api2 has dialled again and written its resync
+    two.kill()
+    stack.default.configure(failure=False)
+    two.start(wait=False)
+    wait_until(lambda: summary_count(one.summary()) == 10, timeout=30, what="the old connection's records")
+    to_one.delay_s = 0.0
+    drain(stack, timeout=30)
+    time.sleep(1.0)
+    stored, paid_twice = books(stack)
+    assert paid_twice == 0
+    assert summary_count(one.summary()) == processors_total(stack) == 10
+
+
+# ----- found by the second review: a client that leaves while its 202 waits -----------------
+
+def test_a_client_leaving_while_its_202_waits_does_not_answer_its_repeat_early(make_stack):
+    """api2 frozen (less than PEER_STALL_S), api1's buffer to it full: X's 202 waits. X's client
+    closes its connection; a repeat of X must get the answer X's acceptance earns (202 only once
+    it has left api1), not one decided by the first request going away. api1 is then killed
+    -9 and api2 resumed: if the repeat got 202, X is paid."""
+    stack = make_stack(with_haproxy=False, HEALTH_ENABLED="false")
+    one, two = stack.instances
+    stack.default.configure(failure=True)
+    stack.fallback.configure(failure=True)
+    two.process.send_signal(signal.SIGSTOP)
+    try:
+        workers, results = send_concurrently(one.socket, [payment(3.00) for _ in range(4000)], threads=12,
+                                             deadline_s=0.35)
+        time.sleep(0.3)
+        x = payment(7.00)
+        body = json.dumps(x).encode()
+        first = socket.socket(socket.AF_UNIX)
+        first.connect(one.socket)
+        first.sendall(b"POST /payments HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.05)
+        first.close()                                # its client gives up
+        try:
+            repeat = request(one.socket, "POST", "/payments", x, timeout=0.4)[0]
+        except OSError:
+            repeat = None                            # still waiting: right
+        one.kill()
+    finally:
+        two.process.send_signal(signal.SIGCONT)
+    for w in workers:
+        w.join(5)
+    wait_until(lambda: "is gone: inherited" in two.log(), timeout=15, what="api2 to inherit")
+    stack.default.configure(failure=False)
+    stack.fallback.configure(failure=False)
+    drain(stack, timeout=60)
+    stored = {p["correlationId"] for sim in (stack.default, stack.fallback) for p in sim.payments()}
+    accepted = {cid for cid, status in results.items() if status == 202}
+    assert accepted <= stored
+    if repeat == 202:
+        assert x["correlationId"] in stored, "the repeat was answered 202 for a payment nobody holds"

@@ -1,10 +1,12 @@
 import itertools
 import random
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from store import DEFAULT, FALLBACK, PaymentStore
+from timestamps import now_ms
 
 T0 = 1752150896000
 _ids = itertools.count()
@@ -63,33 +65,50 @@ def test_inclusive_bounds_at_the_millisecond():
 def test_purge_forgets_records_but_not_what_was_seen():
     store = PaymentStore(10, "local")
     store.record_local(new_id(), T0, 100, DEFAULT)
-    assert store.ingest("peer", 1, T0, 200, FALLBACK, "x")
-    store.purge(T0 + 1)
+    assert store.ingest("peer", 1, T0, 200, FALLBACK, "x", now_ms())
+    purge_at = now_ms() + 1
+    store.purge(purge_at)
     assert len(store) == 0 and store.summary().count == [0, 0]
-    assert not store.ingest("peer", 1, T0, 200, FALLBACK, "x"), "a purged record must not come back"
-    assert store.ingest("peer", 2, T0 + 1, 300, FALLBACK, "y")
+    assert not store.ingest("peer", 1, T0, 200, FALLBACK, "x", now_ms()), "a purged record must not come back"
+    assert store.ingest("peer", 2, T0, 300, FALLBACK, "y", purge_at), "paid after the purge: kept"
     assert store.summary().cents == [0, 300]
 
 
 def test_a_purge_is_a_point_in_time_whichever_arrives_first():
-    """Records before the purge go, also those that arrive after it; those after it stay.
+    """Records paid before the purge go, also those that arrive after it; those paid after it
+    stay, whatever their requestedAt (a payment accepted before the purge and paid after it).
     Two stores that see the same records and purge in any order hold the same."""
-    records = [("peer", seq, T0 + seq * 40, 100 * seq, seq % 2, "id%d" % seq) for seq in range(1, 60)]
-    purge_at = T0 + 30 * 40 + 7                 # inside a bucket: the edge is read record by record
+    purge_at = now_ms() + 60_000
+    records = [("peer", seq, T0 + (59 - seq) * 40, 100 * seq, seq % 2, "id%d" % seq, purge_at - 30 + seq)
+               for seq in range(1, 60)]
     early, late = PaymentStore(100, "a"), PaymentStore(100, "b")
     early.purge(purge_at)
     for record in records:
         early.ingest(*record)
         late.ingest(*record)
     late.purge(purge_at)
-    kept = [r for r in records if r[2] >= purge_at]
+    kept = [r for r in records if r[6] >= purge_at]
+    assert 0 < len(kept) < len(records)
     for store in (early, late):
         assert store.summary().count == [sum(1 for r in kept if r[4] == p) for p in (0, 1)]
         assert sorted(r[1] for r in store.records_above({})) == [r[1] for r in kept]
         assert store.held("id1") is None and store.held("id59") is not None
-        assert store.record_local("new", purge_at - 1, 1, DEFAULT) is None      # paid before it: purged too
+        assert store.record_local("new", T0, 1, DEFAULT) is None      # paid now, before the purge: purged too
     late.purge(purge_at - 1000)                 # an older purge arriving late changes nothing
     assert len(late) == len(kept)
+
+
+def test_a_purge_looks_only_at_what_was_appended_since_it():
+    store = PaymentStore(10_000, "e")
+    for _ in range(5000):
+        store.record_local(new_id(), T0, 1, DEFAULT)
+    purge_at = now_ms() + 1000
+    store.purge(purge_at)
+    assert len(store) == 0
+    assert store.record_local(new_id(), T0, 1, DEFAULT) is None     # paid (now) before the purge's instant
+    assert store.ingest("peer", 1, T0, 5, FALLBACK, "late", purge_at + 5)
+    store.purge(purge_at + 2)
+    assert store.held("late") == (T0, 5, FALLBACK)
 
 
 def test_resync_sends_exactly_what_the_peer_lacks():
@@ -169,7 +188,8 @@ def test_an_overwritten_or_purged_record_frees_its_correlation_id():
         store.record_local(cid, T0, 1, DEFAULT)
     assert store.held("x") is None and store.held("z") is not None
     assert store.record_local("x", T0, 1, DEFAULT) is not None
-    store.purge(T0 + 1)
+    time.sleep(0.002)
+    store.purge(now_ms())
     assert store.held("x") is None and store.record_local("x", T0 + 1, 1, DEFAULT) is not None
 
 

@@ -36,8 +36,8 @@ class Payment:
         self.ambiguous = [False, False]
         # True once that processor answered 5xx: by the rules nothing was stored, but a processor
         # can commit and then fail its answer, so it is asked (GET /payments/{id}) before the
-        # payment goes to the other one.
-        self.unverified = [False, False]
+        # payment goes to the other one. None until then (one list less per payment).
+        self.unverified = None
         self.pinned = None       # processor index the payment must stay on, or None
         self.paid_by = None
         self.accepted_at = accepted_at
@@ -47,6 +47,14 @@ class Payment:
         # Accepted, but its acceptance has not yet left this process for the peer (the peer is
         # not reading): not attempted until that is decided (PaymentBook.hold / confirm / withdraw).
         self.unconfirmed = False
+
+    def is_unverified(self, processor):
+        return self.unverified is not None and self.unverified[processor]
+
+    def set_unverified(self, processor, value):
+        if self.unverified is None:
+            self.unverified = [False, False]
+        self.unverified[processor] = value
 
     @property
     def amount_text(self):
@@ -60,7 +68,7 @@ class Payment:
         Unix socket). So a payment the peer takes over keeps the time it has already waited.
         """
         return [self.correlation_id, self.cents, self.requested_at, self.ambiguous, self.pinned,
-                self.attempts, self.last_error, self.accepted_at, self.unverified]
+                self.attempts, self.last_error, self.accepted_at, self.unverified or [False, False]]
 
     @classmethod
     def from_wire(cls, wire, now):
@@ -69,7 +77,7 @@ class Payment:
         payment = cls(correlation_id, cents, min(accepted_at, now))
         payment.requested_at = list(requested_at)
         payment.ambiguous = list(ambiguous)
-        payment.unverified = list(unverified)
+        payment.unverified = list(unverified) if any(unverified) else None
         payment.pinned = pinned
         payment.attempts = attempts
         payment.last_error = last_error
@@ -335,7 +343,8 @@ class PaymentBook:
             if mine.requested_at[processor] is None:
                 mine.requested_at[processor] = theirs.requested_at[processor]
             mine.ambiguous[processor] = mine.ambiguous[processor] or theirs.ambiguous[processor]
-            mine.unverified[processor] = mine.unverified[processor] or theirs.unverified[processor]
+            if theirs.unverified is not None and theirs.unverified[processor]:
+                mine.set_unverified(processor, True)
         if mine.pinned is None and theirs.pinned is not None:
             mine.pinned = theirs.pinned
             if mine in self.ready:               # rare (a link cut, then a death): move it to its pin

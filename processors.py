@@ -453,7 +453,7 @@ class Dispatcher:
             if announced_at is not None:
                 await self._replica.replicated(announced_at)     # its announcement first leaves
             other = FALLBACK if processor == DEFAULT else DEFAULT
-            if payment.unverified[other] or payment.ambiguous[other]:
+            if payment.ambiguous[other] or payment.is_unverified(other):
                 outcome, detail = await self._verify_elsewhere(payment, other)
             else:
                 outcome = None
@@ -486,7 +486,7 @@ class Dispatcher:
             return STORED, (other,) + found[1:]
         if found[0] == UNKNOWN:
             return UNKNOWN, found[1]
-        payment.unverified[other] = False
+        payment.set_unverified(other, False)
         return None, None
 
     @staticmethod
@@ -562,7 +562,7 @@ class Dispatcher:
             payment.ambiguous[processor] = True
             payment.pinned = processor
         elif outcome == SERVER_ERROR:
-            payment.unverified[processor] = True
+            payment.set_unverified(processor, True)
         s = self._settings
         backoff = min(s.retry_max_s, s.retry_base_s * 2 ** min(max(payment.attempts - 1, 0), 16))
         self._book.retry_later(payment, now + backoff * random.uniform(0.5, 1.5))

@@ -94,7 +94,9 @@ class PaymentStore:
         self._seq = array("Q", bytes(8 * capacity))
         self._paid_at = array("q", bytes(8 * capacity))
         self._marks = []              # (wall clock ms, appended-index): what was appended before when
-        self._correlation_id = [None] * capacity
+        # appended-index -> correlationId: a dict of ints and strings, which the garbage collector
+        # does not track (a list of a million slots would be walked by every full collection).
+        self._id_at = {}
         self._slot_of = {}            # correlationId -> appended-index of its record (held records only)
         self._appended = 0            # records ever written; slot = appended % capacity
         self._first_live = 0          # appended-index of the oldest record still held
@@ -157,7 +159,7 @@ class PaymentStore:
         slot = self._appended % self.capacity
         self._slot_of[correlation_id] = self._appended
         self._appended += 1
-        self._correlation_id[slot] = correlation_id
+        self._id_at[self._appended - 1] = correlation_id
         self._paid_at[slot] = paid_at_ms
         self._requested_at[slot] = requested_at_ms
         self._cents[slot] = cents
@@ -181,8 +183,7 @@ class PaymentStore:
 
     def _evict_oldest(self):
         slot = self._first_live % self.capacity
-        del self._slot_of[self._correlation_id[slot]]
-        self._correlation_id[slot] = None
+        del self._slot_of[self._id_at.pop(self._first_live)]
         self._first_live += 1
         self.overwritten += 1
         requested_at_ms = self._requested_at[slot]
@@ -220,7 +221,7 @@ class PaymentStore:
                      if record[6] >= before_ms]
         self._first_live = self._appended
         self._slot_of.clear()
-        self._correlation_id = [None] * self.capacity
+        self._id_at.clear()
         self._buckets.clear()
         self._blocks.clear()
         self._all = _Totals()
@@ -327,7 +328,7 @@ class PaymentStore:
             seq = self._seq[slot]
             if seq > peer_high_water.get(epoch, 0):
                 yield (epoch, seq, self._requested_at[slot], self._cents[slot], self._processor[slot],
-                       self._correlation_id[slot], self._paid_at[slot])
+                       self._id_at[index], self._paid_at[slot])
             index += 1
 
     def records_page(self, offset, limit):

@@ -322,7 +322,12 @@ class PaymentBook:
         if known is not None and known.state != HANDED_OVER:
             if known.state == PENDING:
                 self._merge(known, payment)
-            return False
+                return False
+            if not (known.state == DEAD and known.cents != payment.cents and payment.requested_at != [None, None]):
+                return False
+            # A copy here with another amount was refused as "stored with another amount": the
+            # peer's copy, which may be the one stored, is settled on its own.
+            self.dead -= 1
         self._index[correlation_id] = payment
         self.pending += 1
         (self.ready if payment.pinned is None else self.pinned[payment.pinned]).append(payment)
@@ -338,7 +343,12 @@ class PaymentBook:
         """A copy of one payment was accepted here while the peer held another (the link was down):
         what the peer's copy may have reached binds this one too. requestedAt per processor is
         taken where this copy has none; ambiguity and doubt add up; the peer's pin is kept unless
-        this copy is already pinned (then both may hold it, and the processors' 422 settle it)."""
+        this copy is already pinned (then both may hold it, and the processors' 422 settle it).
+        Copies with two amounts (a repeat that came before the dead peer's last lines were read):
+        one this copy never attempted settles against the amount the peer's may have paid."""
+        if mine.cents != theirs.cents and mine.requested_at == [None, None] \
+                and theirs.requested_at != [None, None]:
+            mine.cents = theirs.cents
         for processor in (0, 1):
             if mine.requested_at[processor] is None:
                 mine.requested_at[processor] = theirs.requested_at[processor]

@@ -15,7 +15,8 @@ epoch) says exactly what a store lacks: a restarted or reconnected peer gets
 everything it missed, and nothing is ever counted twice (the store also holds
 one record per correlationId, whatever path it came by).
 
-Messages are JSON arrays, one per line: ["I", epoch] (first: who sends),
+Messages are JSON arrays, one per line: ["I", epoch, n] (first: who sends, on
+its n-th connection),
 ["R", records, finished, watched], ["S", processor, report], ["P", purgedAt],
 ["L", id, correlationId] / ["l", id, answer], ["H", id, payments] /
 ["h", id, taken] (pending payments handed over by an instance shutting down,
@@ -39,21 +40,31 @@ The replica: each instance keeps a copy of the peer's *pending* payments, so
 that a peer killed outright loses nothing. The snapshot ("W" chunks, then "E")
 carries all of them, and replaces the copy only whole, at "E"; then each "R"
 adds the payments accepted or changed (`watched`: replica entries) and drops
-those its records paid or that were dead-lettered (`finished`); a resync's
-records drop their payments too. One message, so a peer dying mid-write leaves
-either both or neither. An acceptance is in the kernel's socket buffer to the
+those its records paid or that were dead-lettered (`finished`); any record
+drops its payment too. One message, so a peer dying mid-write leaves either
+both or neither. An epoch's connections follow one another (it wrote all of its
+n-th before its n+1-th), but they may be read interleaved: what an older
+connection still brings after a newer one's "E" is older than that snapshot
+and is dropped; before it, it still applies, except where a newer connection
+has spoken of that payment (_Replica). A snapshot cut short (its connection
+closed before "E") is laid over the copy the same way. A restarted peer gets
+our snapshot only once what its predecessor left pending here is inherited
+and adopted, so that it knows those payments before it takes any. An acceptance is in the kernel's socket buffer to the
 peer before its 202 is written, and an attempt before its request leaves: while
 the peer does not read (the buffer is full), answers and attempts wait for
 their own bytes (_Outgoing); if one has waited PEER_STALL_S the link is dropped
 and the instance carries on alone, as after a cut.
-Epochs: "<instance>-<start time in ns>"; every connection says first which
+Epochs: "<instance>-<start time, ns on the host's monotonic clock>"; every connection says first which
 epoch sends on it ("I"). An epoch is known dead when a later one says hello or
 connects, or its socket refuses connections (no process listens); a dead epoch
 never comes back, and one older than an epoch already seen says nothing of
 others. Once every connection of a dead epoch has closed (every message it sent
 applied), its replica is inherited: each payment is adopted here, one that was
-in flight pinned to that processor as after an ambiguous attempt. Records a
-dead epoch's connection still delivers are passed on to its successor.
+in flight pinned to that processor as after an ambiguous attempt. A dead
+epoch's connections are its last word: read late, they still update its
+replica. Records they still deliver are passed on to its successor, behind
+the resync under way to it if there is one (a store takes an epoch's records
+only in order).
 """
 import asyncio
 import itertools
@@ -68,7 +79,7 @@ from store import record_correlation_id
 from timestamps import now_ms
 
 log = logging.getLogger("peer")
-PROTOCOL = 2              # records carry their correlationId
+PROTOCOL = 3              # records carry their correlationId; "I" numbers the connection
 RESYNC_CHUNK = 2000       # records per write while resynchronising (keeps each loop step short)
 SNAPSHOT_CHUNK = 2000     # replica entries per line of the snapshot, and payments per hand-over line
 LINE_LIMIT = 16 * 1024 * 1024
@@ -162,22 +173,65 @@ class _Outgoing:
                 future.set_result(outcome)
 
 
+class _Replica:
+    """One peer epoch's pending payments, as its connections tell them. The epoch wrote all of
+    its n-th connection before its n+1-th, but they may be read interleaved: a connection older
+    than the one whose snapshot ("E") made the copy says nothing more, and one newer than it
+    (whose snapshot is still on its way, or was cut short) is never overridden by an older one."""
+    __slots__ = ("entries", "base", "said_by")
+
+    def __init__(self):
+        self.entries = {}                # correlationId -> replica entry
+        self.base = 0                    # the connection whose snapshot made the copy
+        self.said_by = {}                # correlationId -> newer-than-base connection that set or dropped it
+
+    def _older(self, number, correlation_id):
+        return number < self.base or self.said_by.get(correlation_id, number) > number
+
+    def set(self, number, entry):
+        correlation_id = entry_id(entry)
+        if self._older(number, correlation_id):
+            return
+        self.entries[correlation_id] = entry
+        if number > self.base:
+            self.said_by[correlation_id] = number
+
+    def drop(self, number, correlation_id):
+        if self._older(number, correlation_id):
+            return
+        self.entries.pop(correlation_id, None)
+        if number > self.base:
+            self.said_by[correlation_id] = number       # an older connection must not bring it back
+
+    def paid(self, correlation_id):
+        """A record of it exists: whatever any connection says, it is not pending."""
+        self.entries.pop(correlation_id, None)
+        self.said_by.pop(correlation_id, None)
+
+    def replace(self, number, snapshot):
+        """Connection `number`'s whole snapshot: it replaces what connections up to it said."""
+        if number < self.base:
+            return
+        newer = {cid: n for cid, n in self.said_by.items() if n > number}
+        entries = {cid: entry for cid, entry in snapshot.items() if cid not in newer}
+        entries.update((cid, self.entries[cid]) for cid in newer if cid in self.entries)
+        self.entries, self.base, self.said_by = entries, number, newer
+
+
 class _IncomingLink:
     """One connection from the peer: where to answer, and which epoch of the peer sends on it."""
-    __slots__ = ("writer", "epoch", "superseded", "staging")
+    __slots__ = ("writer", "epoch", "number", "staging")
 
     def __init__(self, writer):
         self.writer = writer
-        self.epoch = None                # said first on the connection ("I")
+        self.epoch = None                # said first on the connection ("I"), with
+        self.number = 0                  # which of that epoch's connections this is
         self.staging = None              # the replica snapshot being received ("W"... "E")
-        # A newer connection of the same epoch has sent its "E": what this one still brings (the
-        # unread tail of a connection its sender dropped) is older, and must not touch the replica.
-        self.superseded = False
 
 
 class PeerLink:
     def __init__(self, settings, store, on_purge, on_health, on_lookup, on_adopt=None, pending=None,
-                 on_inherit=None, on_settled=None):
+                 on_inherit=None, on_settled=None, adopting=None):
         self._listen_path = settings.peer_listen
         self._connect_path = settings.peer_connect
         self._stall_s = settings.peer_stall_s
@@ -190,6 +244,7 @@ class PeerLink:
         self._pending = pending          # () -> our pending payments (for the peer's replica)
         self._on_inherit = on_inherit    # (epoch, replica entries) of a peer that died
         self._on_settled = on_settled    # (record) a record from the peer, new here
+        self._adopting = adopting        # () -> True while inherited payments are still being adopted
         self.purged_at = 0
         self.link_up = False             # our outgoing connection is synchronised
         self.synced = False              # we hold the peer's records up to its high-water mark
@@ -201,7 +256,7 @@ class PeerLink:
         self._batch = []                 # records paid this loop step, flushed once per step
         self._finished = []              # correlationIds no longer pending here, same flush
         self._watched = []               # replica entries of payments accepted or changed, same flush
-        self._replicas = {}              # peer epoch -> {correlationId: replica entry}
+        self._replicas = {}              # peer epoch -> _Replica
         self._links = set()              # the peer's connections to us still open (_IncomingLink)
         self._dead_epochs = set()        # peer epochs known to be gone, to inherit once closed
         self._gone = set()               # every peer epoch ever known to be gone (never alive again)
@@ -216,6 +271,7 @@ class PeerLink:
         self._incoming = set()           # tasks serving the peer's connections to us
         self.records_sent = 0
         self.records_received = 0
+        self._dials = 0                  # connections made to the peer (numbered in their "I")
         self.connects = 0
         self.stalls = 0
 
@@ -258,13 +314,19 @@ class PeerLink:
     # ----- what the rest of the instance calls --------------------------------------
     def publish(self, record, payment):
         """A record this instance just paid: send it to the peer soon (same loop step)."""
+        if self._writer is not None and not self._syncing:
+            self._finished.append(payment.correlation_id)   # (a resync's snapshot knows it paid)
+        self._pass_on((record,))
+
+    def _pass_on(self, records):
+        """Records for the peer: this step's flush, or behind the resync under way (a store takes
+        an epoch's records only in order); none without a link (the next resync carries them)."""
         if self._writer is None:
-            return                       # the resync after reconnecting will carry it
-        if self._syncing:
-            self._outbox.append(record)  # the replica snapshot at the end of the resync knows it paid
             return
-        self._batch.append(record)
-        self._finished.append(payment.correlation_id)
+        if self._syncing:
+            self._outbox.extend(records)
+            return
+        self._batch.extend(records)
         self._schedule_flush()
 
     def watch(self, payment):
@@ -289,7 +351,7 @@ class PeerLink:
     def pending_cents(self, correlation_id):
         """The amount of a payment the peer holds pending (per its replica here), or None."""
         for replica in self._replicas.values():
-            entry = replica.get(correlation_id)
+            entry = replica.entries.get(correlation_id)
             if entry is not None:
                 return entry_cents(entry)
         return None
@@ -424,7 +486,7 @@ class PeerLink:
                 await self._run_outgoing(reader, writer)
             except _Incompatible as exc:
                 log.error("peer link refused: %s", exc)
-            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, TypeError, KeyError) as exc:
                 log.info("peer link lost: %s", type(exc).__name__)
             finally:
                 self.link_up = False
@@ -472,7 +534,8 @@ class PeerLink:
             self._apply_purge(hello["purgedAt"])
         self._writer = writer
         self._out = _Outgoing(writer, self._stall_s, self._stalled)
-        self._send(["I", self._store.local_epoch])        # who sends on this connection, first
+        self._dials += 1
+        self._send(["I", self._store.local_epoch, self._dials])   # who sends on this connection, first
         if hello["purgedAt"] < self.purged_at:
             self._send(["P", self.purged_at])
         self._syncing = True
@@ -490,10 +553,16 @@ class PeerLink:
             self._send(["R", chunk, [], []])
             self.records_sent += len(chunk)
         self._syncing = False
-        if self._outbox:
-            self._send(["R", self._outbox, [], []])
-            self.records_sent += len(self._outbox)
-            self._outbox = []
+        outbox, self._outbox = self._outbox, []
+        for start in range(0, len(outbox), RESYNC_CHUNK):
+            self._send(["R", outbox[start:start + RESYNC_CHUNK], [], []])
+        self.records_sent += len(outbox)
+        # A restarted peer is ready once our snapshot is in: let it name what its predecessor left
+        # pending here (inherited, adopted), or a repeat of one would be a second copy there.
+        deadline = asyncio.get_running_loop().time() + self._sync_timeout_s
+        while (self._dead_epochs or (self._adopting is not None and self._adopting())) \
+                and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
         # The replica snapshot, in chunks (a long queue would make one line of many MB, and as many
         # ms to build and to read). The link is up from here: a payment accepted or changed
         # meanwhile travels in an "R" behind the chunks sent so far, and each chunk is built from
@@ -534,7 +603,8 @@ class PeerLink:
                 if not line or not line.endswith(b"\n"):
                     break                # closed, possibly mid-line by a peer that died: drop the part
                 self._handle(orjson.loads(line), link)
-        except (OSError, ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
+        except (OSError, ValueError, IndexError, TypeError, KeyError, asyncio.LimitOverrunError,
+                asyncio.IncompleteReadError) as exc:
             log.info("peer connection closed: %s", type(exc).__name__)
         except asyncio.CancelledError:
             pass                         # shutting down: close quietly
@@ -542,49 +612,66 @@ class PeerLink:
             self._incoming.discard(task)
             self._links.discard(link)
             writer.close()
+            if link.staging is not None and link.number >= 0:
+                self._lay_over(link, link.staging)   # a snapshot cut short: its word, as far as it got
             self._inherit_dead()
+
+    def _lay_over(self, link, entries):
+        replica = self._replicas.setdefault(link.epoch, _Replica())
+        for entry in entries.values():
+            replica.set(link.number, entry)
+        self._drop_held(replica)
+
+    def _drop_held(self, replica):
+        for correlation_id in [cid for cid in replica.entries if self._store.held(cid) is not None]:
+            replica.paid(correlation_id)
 
     def _handle(self, message, link):
         kind = message[0]
         writer = link.writer
-        if kind == "R":
-            self._ingest(message[1], link)
-            if link.superseded:
-                return
-            replica = link.staging if link.staging is not None else self._replicas.get(link.epoch)
-            if replica is not None:
-                for entry in message[3]:
-                    replica[entry_id(entry)] = entry
-                for correlation_id in message[2]:
-                    replica.pop(correlation_id, None)
-            if message[1] and not message[2]:        # a resync's: paid, wherever it was pending
-                for record in message[1]:
-                    for replica in self._replicas.values():
-                        replica.pop(record_correlation_id(record), None)
-        elif kind == "I":
-            link.epoch = epoch = message[1]
-            if epoch in self._gone:
-                link.superseded = True               # a dead epoch's late connection: records only
-                return
-            for other in self._links:
-                if other is not link and other.epoch == epoch:
-                    other.superseded = True          # a newer connection of the same epoch
+        if kind == "I":
+            epoch, number = message[1], message[2]
+            if not isinstance(epoch, str) or not isinstance(number, int):
+                raise ValueError("bad I line")
+            link.epoch, link.number = epoch, number
+            if epoch in self._gone and epoch not in self._dead_epochs:
+                link.number = -1                    # its replica was inherited already: records only
             self._peer_epoch_is(epoch)
-        elif kind == "W":
-            if not link.superseded:
-                if link.staging is None:
-                    link.staging = {}
-                for entry in message[1]:
+            return
+        if link.epoch is None:
+            raise ValueError("%r before the I line" % kind)   # the connection is dropped
+        if kind == "R":
+            records = message[1]
+            self._ingest(records, link)
+            if link.staging is not None:            # its snapshot is on its way: its own order
+                for entry in message[3]:
                     link.staging[entry_id(entry)] = entry
+                for correlation_id in message[2]:
+                    link.staging.pop(correlation_id, None)
+            elif link.number >= 0:
+                replica = self._replicas.get(link.epoch)
+                if replica is not None:
+                    for entry in message[3]:
+                        replica.set(link.number, entry)
+                    for correlation_id in message[2]:
+                        replica.drop(link.number, correlation_id)
+            for record in records:                  # paid, wherever it was pending
+                for replica in self._replicas.values():
+                    replica.paid(record_correlation_id(record))
+        elif kind == "W":
+            if link.staging is None:
+                link.staging = {}
+            for entry in message[1]:
+                link.staging[entry_id(entry)] = entry
         elif kind == "E":
-            if link.superseded:
+            entries, link.staging = link.staging or {}, None
+            if link.number < 0:
                 return
-            replica = link.staging if link.staging is not None else {}
-            link.staging = None
-            for correlation_id in [cid for cid in replica if self._store.held(cid) is not None]:
-                del replica[correlation_id]
-            self._replicas[link.epoch] = replica
-            self.synced = True
+            replica = self._replicas.setdefault(link.epoch, _Replica())
+            replica.replace(link.number, entries)
+            self._drop_held(replica)
+            if link.epoch not in self._gone:
+                self.synced = True
         elif kind == "S":
             self._on_health(message[1], message[2])
         elif kind == "P":
@@ -593,10 +680,10 @@ class PeerLink:
         elif kind == "H":
             _, request_id, wires = message
             taken = self._on_adopt is not None and self._on_adopt(wires)
-            if taken:
-                replica = self._replicas.get(link.epoch, {})
+            replica = self._replicas.get(link.epoch)
+            if taken and replica is not None:
                 for wire in wires:
-                    replica.pop(wire_id(wire), None)
+                    replica.paid(wire_id(wire))      # ours now, whatever any connection says
             writer.write(orjson.dumps(["h", request_id, bool(taken)], option=_LINE))
         elif kind == "L":
             writer.write(orjson.dumps(["l", message[1], self._on_lookup(message[2])], option=_LINE))
@@ -609,9 +696,8 @@ class PeerLink:
         self.records_received += len(new)
         if not new:
             return
-        if link.superseded and self._writer is not None:
-            self._batch.extend(new)
-            self._schedule_flush()
+        if link.epoch in self._gone:
+            self._pass_on(new)
         if self._on_settled is not None:
             for record in new:
                 self._on_settled(record)
@@ -619,7 +705,7 @@ class PeerLink:
     # ----- the peer's replica: inherited once its epoch is gone -----------------------
     @staticmethod
     def _started(epoch):
-        """When an epoch started ("<instance>-<time_ns>"): a later one replaces an earlier one."""
+        """When an epoch started ("<instance>-<monotonic_ns>"): a later one replaces an earlier one."""
         return int(epoch.rsplit("-", 1)[1])
 
     def _peer_epoch_is(self, epoch):
@@ -629,15 +715,13 @@ class PeerLink:
             return
         known = set(self._replicas) | {link.epoch for link in self._links if link.epoch is not None}
         if any(self._started(other) > self._started(epoch) for other in known):
+            self._declare_dead({epoch})              # heard late: a newer one runs already
             return
         self._declare_dead({other for other in known if self._started(other) < self._started(epoch)})
 
     def _declare_dead(self, epochs):
         self._gone.update(epochs)
         self._dead_epochs.update(epochs)
-        for link in self._links:
-            if link.epoch in self._gone:
-                link.superseded = True
         self._inherit_dead()
 
     def _inherit_dead(self):
@@ -648,12 +732,12 @@ class PeerLink:
             return
         for epoch in [e for e in self._dead_epochs if e not in open_epochs]:
             self._dead_epochs.discard(epoch)
-            entries = self._replicas.pop(epoch, None)
-            if entries and self._on_inherit is not None:
-                self._on_inherit(epoch, list(entries.values()))
+            replica = self._replicas.pop(epoch, None)
+            if replica is not None and replica.entries and self._on_inherit is not None:
+                self._on_inherit(epoch, list(replica.entries.values()))
 
     def replica_size(self):
-        return sum(len(entries) for entries in self._replicas.values())
+        return sum(len(replica.entries) for replica in self._replicas.values())
 
     def write_buffer(self):
         """Bytes written to the peer and still in this process (0 when the kernel took them all)."""

@@ -183,6 +183,13 @@ class Router:
             book.confirm(payment)
             answer.set_result(ACCEPTED)
 
+    async def decide_waiting(self, timeout):
+        """Wait (at most `timeout` s) until every 202 still waiting is decided (the stall limit
+        decides each within PEER_STALL_S): an instance that stops hands over only payments whose
+        answer is settled, never one whose 202 would follow its hand-over."""
+        if self._confirming:
+            await asyncio.wait(list(self._confirming.values()), timeout=timeout)
+
     @staticmethod
     async def _same_answer(answer):
         return await asyncio.shield(answer)

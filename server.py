@@ -357,7 +357,9 @@ class Instance:
         self.loop = loop
         self.connections = set()             # open HttpProtocols (their deadlines are swept)
         self.stopping = False
-        epoch = "%d-%d" % (settings.instance_id, time.time_ns())
+        # The host's monotonic clock (one for every process on it, never set back): a restarted
+        # instance's epoch is always later than its predecessor's.
+        epoch = "%d-%d" % (settings.instance_id, time.monotonic_ns())
         self.store = PaymentStore(settings.store_capacity, epoch)
         self.audit = AuditLog(settings.audit_log, loop)
         self.book = PaymentBook(settings.queue_capacity, settings.index_capacity, self.audit)
@@ -371,7 +373,8 @@ class Instance:
                              on_adopt=self._adopt,
                              pending=self.book.pending_payments,
                              on_inherit=self._inherit,
-                             on_settled=self._settled_at_peer)
+                             on_settled=self._settled_at_peer,
+                             adopting=lambda: bool(self._adopting))
         self.book.on_new = self.peer.watch
         self.book.on_accepted = self._on_accepted
         self.health = HealthMonitor(settings, self.client, self.breakers, self.peer)
@@ -522,6 +525,7 @@ class Instance:
         deadline = self.loop.time() + self.settings.shutdown_grace_s
         while self.book.pending and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
+        await self.router.decide_waiting(self.settings.peer_stall_s + 1.0)
         for task in self._tasks:
             task.cancel()
         await self.dispatcher.stop()         # in-flight attempts end as ambiguous, so they stay pinned
@@ -537,7 +541,7 @@ class Instance:
                 log.info("handed %d pending payments over to the peer", len(leftover) - len(left))
             if left:
                 self._report_abandoned([p.correlation_id for p in leftover if p.correlation_id in left],
-                                       "the peer did not take them")
+                                       "the peer did not confirm taking them")
         await self.peer.drain()             # the last paid records reach the peer
         await self.peer.close()
         await self.client.close()

@@ -66,7 +66,7 @@ PURGE_MARGIN_S = 2.5          # a requestedAt this long after a purge was first 
 DELAYS = (0, 0, 0, 20, 200, 1500)                     # 1500 > REQUEST_TIMEOUT_PROCESSOR_S: ambiguous
 FAULTS = ("none",) * 6 + ("reset", "reset_before", "garbage", "hang", "fail_after_store")
 EPISODES = ("quiet", "cut", "cut_and_hold", "slow_link", "stop_short", "stop_long", "kill9", "sigterm",
-            "stop_and_kill9", "purge")
+            "stop_and_kill9", "slow_then_kill9", "purge")
 
 
 class Traffic:
@@ -252,9 +252,11 @@ class Hunt:
             sim.fault(change["fault"])
 
     def _both_up(self, stack, timeout=20):
+        # One failure at a time: the last one is over once each instance is up and linked and has
+        # read all that a dead instance wrote to it (a slow link's old connection has drained).
         def up():
             return all(i.process.poll() is None and instance_health(i)["status"] == "ok" for i in stack.instances) \
-                and all(i.peer_up() for i in stack.instances)
+                and all(i.peer_up() for i in stack.instances) and all(p.open_pairs <= 1 for p in stack.proxies)
         try:
             wait_until(up, timeout=timeout, what="both instances up and linked")
             return True
@@ -322,6 +324,18 @@ class Hunt:
             other.process.send_signal(signal.SIGCONT)
             time.sleep(hold * 0.5)
             self._restart(who)
+        elif kind == "slow_then_kill9":
+            # Its last lines still on their way, slowly, when it dies: the peer hears its successor
+            # first, then reads the dead epoch's last word.
+            if not self._both_up(stack):
+                return
+            proxy = stack.proxies[step["who"]]          # what `who` sends to the other
+            proxy.read_size, proxy.delay_s = 256, 0.1
+            time.sleep(min(hold, 0.5))
+            who.kill()
+            self._restart(who)
+            time.sleep(hold)
+            proxy.read_size, proxy.delay_s = 65536, 0.0
         elif kind == "purge":
             if not self._both_up(stack):
                 return
@@ -335,7 +349,7 @@ class Hunt:
     def _heal(self, stack):
         for proxy in stack.proxies:
             proxy.unblock()
-            proxy.delay_s = 0.0
+            proxy.delay_s, proxy.read_size = 0.0, 65536
         for sim in (stack.default, stack.fallback):
             sim.configure(delay=0, failure=False)
             sim.fault("none")

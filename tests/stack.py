@@ -480,11 +480,12 @@ class PeerProxy:
                 dst.sendall(data)
         except OSError:
             pass
-        for s in pair:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        # Pass the end on and let the other direction carry on: as with a real socket, what one
+        # side wrote before it died is still read by the other, even after a write to it failed.
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
         done.append(1)
         if len(done) == 2:            # the second pump to finish closes both sockets
             for s in pair:

@@ -101,6 +101,32 @@ def test_a_copy_accepted_here_takes_the_pin_of_the_peers_copy():
     assert not book.ready and list(book.pinned[0]) == [mine] and book.pending == 1
 
 
+def test_a_copy_with_another_amount_takes_the_amount_the_peers_copy_may_have_paid():
+    """A repeat with another amount reached this instance before it read the dead peer's last
+    lines (its acceptance, its attempt at the fallback): both were answered 202. The processor
+    may hold the first copy's amount, so that is what this copy settles (its 422) against."""
+    book = PaymentBook(100, 100)
+    assert book.accept("f" * 36, 861, 1.0) == ACCEPTED
+    theirs = Payment("f" * 36, 750, 0.5)
+    theirs.requested_at, theirs.ambiguous, theirs.pinned = [None, 1752150896789], [False, True], 1
+    assert not book.adopt(theirs)
+    mine = book.get("f" * 36)
+    assert (mine.cents, mine.pinned, mine.requested_at) == (750, 1, [None, 1752150896789])
+
+
+def test_a_dead_letter_with_another_amount_does_not_hide_the_peers_copy():
+    """As above, but this copy was attempted first and refused ("already stored with another
+    amount"): the dead peer's copy, which the processor may hold, is adopted and settled."""
+    book = PaymentBook(100, 100)
+    assert book.accept("a" * 36, 2101, 1.0) == ACCEPTED
+    book.mark_dead(book.get("a" * 36), "default refused it: already stored with another amount (19.90)")
+    theirs = Payment("a" * 36, 1990, 0.5)
+    theirs.requested_at, theirs.ambiguous, theirs.pinned = [1752150896789, None], [True, False], 0
+    assert book.adopt(theirs)
+    assert book.get("a" * 36) is theirs and (book.pending, book.dead) == (1, 0)
+    assert list(book.pinned[0]) == [theirs]
+
+
 def test_a_withdrawn_acceptance_is_forgotten():
     book = PaymentBook(100, 100)
     assert book.accept("f" * 36, 100, 1.0) == ACCEPTED

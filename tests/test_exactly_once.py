@@ -617,6 +617,99 @@ def test_a_dead_epochs_payments_are_inherited_only_after_its_last_records_are_re
     assert summary_count(one.summary()) == processors_total(stack) == 10
 
 
+# ----- found by the third review: a dead epoch's last lines, read late ------------------------
+
+def test_a_dead_epochs_last_acceptances_read_late_are_inherited(make_stack):
+    """api1's lines to api2 lag on a slow link; api1 answers five 202s (their acceptances have
+    left api1), is killed -9 and restarted. api2 hears the new api1 (over its own, fast, dial)
+    before it reads the old connection's tail. That tail is the dead epoch's last word: its
+    acceptances belong in the replica api2 inherits, and all five are paid, once."""
+    stack = make_stack(with_haproxy=False, peer_proxy=True)
+    one, two = stack.instances
+    to_two = stack.proxies[0]                       # api1 dials api2 through it
+    for sim in (stack.default, stack.fallback):
+        sim.configure(failure=True)                 # nothing is paid meanwhile: all stay pending
+    to_two.read_size = 64
+    to_two.delay_s = 0.25
+    ids = post_payments(one, 5, amount=7.00)
+    time.sleep(0.05)
+    one.kill()
+    one.start(wait=False)
+    time.sleep(8.0)                                 # the slow tail reaches api2, the old connection ends
+    to_two.delay_s, to_two.read_size = 0.0, 65536
+    for sim in (stack.default, stack.fallback):
+        sim.configure(failure=False)
+    drain(stack, timeout=30)
+    stored, paid_twice = books(stack)
+    assert paid_twice == 0
+    assert set(ids) <= set(stored), "a 202 never paid: %s" % sorted(set(ids) - set(stored))
+    assert summary_count(two.summary()) == processors_total(stack) == 5
+
+
+def test_a_202_waiting_when_sigterm_comes_is_decided_before_the_hand_over(make_stack):
+    """The peer stops reading (SIGSTOP) while payments' 202s wait for their acceptances to leave
+    api1, and api1 gets SIGTERM with a grace shorter than the stall limit. api1 waits for those
+    answers to be decided (503: the link is dropped with the bytes) before it hands anything
+    over, rather than handing them over behind the stalled bytes and answering 202 for payments
+    nobody will pay. Every 202 is paid, no 503 is."""
+    stack = make_stack(with_haproxy=False, PEER_STALL_S="1.0", SHUTDOWN_GRACE_S="0.1",
+                       HEALTH_ENABLED="false")
+    one, two = stack.instances
+    two.process.send_signal(signal.SIGSTOP)
+    try:
+        bodies = [payment(3.00) for _ in range(3000)]
+        workers, results = send_concurrently(one.socket, bodies, threads=12, deadline_s=0.5)
+        time.sleep(0.4)
+        one.process.send_signal(signal.SIGTERM)
+        one.process.wait(20)
+        for w in workers:
+            w.join(5)
+    finally:
+        two.process.send_signal(signal.SIGCONT)
+    accepted = {cid for cid, status in results.items() if status == 202}
+    refused = {cid for cid, status in results.items() if status == 503}
+    time.sleep(2.0)                                 # api2 reads what api1 wrote, and inherits its pending
+    drain(stack)
+    stored, paid_twice = books(stack)
+    record_metrics("peer-stopped-then-sigterm", accepted=len(accepted), refused_503=len(refused),
+                   stored=len(stored))
+    assert len(accepted) > 50, "the test must have accepted payments before the buffer filled"
+    assert paid_twice == 0
+    assert accepted <= set(stored), "%d payments answered 202 were never paid" % len(accepted - set(stored))
+    assert refused & set(stored) == set(), "%d payments answered 503 were paid" % len(refused & set(stored))
+
+
+def test_a_repeat_at_the_restarted_instance_knows_what_its_predecessor_left_pending(make_stack):
+    """api1 accepts X (api2's replica holds it), then more payments while its link to api2 is
+    slow, and is killed -9 and restarted. The new api1 is ready once api2's snapshot is in, but
+    api2 inherits X only when the old connection's slow tail has been read. Meanwhile X's repeat
+    reaches the new api1 (HAProxy routes it there): it must be answered from what api2 knows,
+    409 with another amount, and never accepted as a second copy."""
+    stack = make_stack(with_haproxy=False, peer_proxy=True)
+    one, two = stack.instances
+    to_two = stack.proxies[0]                       # api1 dials api2 through it
+    for sim in (stack.default, stack.fallback):
+        sim.configure(failure=True)                 # nothing is paid meanwhile: all stay pending
+    x = payment(6.00)
+    assert one.post("/payments", x)[0] == 202
+    wait_until(lambda: two.get("/payments/" + x["correlationId"])[0] == 200, what="api2's replica to hold X")
+    to_two.read_size, to_two.delay_s = 64, 0.25
+    post_payments(one, 5, amount=7.00)              # their lines make the old connection's slow tail
+    one.kill()
+    one.start()
+    assert to_two.open_pairs >= 1, "the old connection must still be draining"
+    status_other_amount = one.post("/payments", dict(x, amount=6.50))[0]
+    status_same = one.post("/payments", x)[0]
+    to_two.read_size, to_two.delay_s = 65536, 0.0
+    for sim in (stack.default, stack.fallback):
+        sim.configure(failure=False)
+    drain(stack, timeout=30)
+    stored, paid_twice = books(stack)
+    assert (status_other_amount, status_same) == (409, 202)
+    assert paid_twice == 0
+    assert summary_count(one.summary()) == processors_total(stack) == 6
+
+
 # ----- found by the second review: a client that leaves while its 202 waits -----------------
 
 def test_a_client_leaving_while_its_202_waits_does_not_answer_its_repeat_early(make_stack):

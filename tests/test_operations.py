@@ -44,7 +44,7 @@ def test_sigterm_without_a_peer_names_every_payment_it_abandons(make_stack):
         ids.append(p["correlationId"])
     one.kill(signal.SIGTERM)
     log = one.log()
-    assert "450 pending payments abandoned: the peer did not take them" in log
+    assert "450 pending payments abandoned: the peer did not confirm taking them" in log
     lines = [line for line in log.splitlines() if '"abandoned: ' in line]
     assert len(lines) == 3 and max(len(line) for line in lines) < 8000    # 200 ids a line
     assert all(cid in log for cid in ids)

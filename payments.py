@@ -20,7 +20,7 @@ ACCEPTED, ALREADY_ACCEPTED, CONFLICT, QUEUE_FULL = range(4)
 class Payment:
     __slots__ = ("correlation_id", "cents", "state", "attempts", "last_error",
                  "requested_at", "ambiguous", "unverified", "pinned", "paid_by", "accepted_at", "in_flight_to",
-                 "unconfirmed")
+                 "unconfirmed", "other_cents")
 
     def __init__(self, correlation_id, cents, accepted_at):
         self.correlation_id = correlation_id
@@ -47,6 +47,9 @@ class Payment:
         # Accepted, but its acceptance has not yet left this process for the peer (the peer is
         # not reading): not attempted until that is decided (PaymentBook.hold / confirm / withdraw).
         self.unconfirmed = False
+        # The amount of another copy of this payment, accepted by the peer, that this one took over
+        # (PaymentBook._merge): a processor holding it with that amount holds this payment.
+        self.other_cents = None
 
     def is_unverified(self, processor):
         return self.unverified is not None and self.unverified[processor]
@@ -322,6 +325,8 @@ class PaymentBook:
         if known is not None and known.state != HANDED_OVER:
             if known.state == PENDING:
                 self._merge(known, payment)
+                if self.on_new is not None:
+                    self.on_new(known)               # the peer's replica hears what it took on
                 return False
             if not (known.state == DEAD and known.cents != payment.cents and payment.requested_at != [None, None]):
                 return False
@@ -345,10 +350,9 @@ class PaymentBook:
         taken where this copy has none; ambiguity and doubt add up; the peer's pin is kept unless
         this copy is already pinned (then both may hold it, and the processors' 422 settle it).
         Copies with two amounts (a repeat that came before the dead peer's last lines were read):
-        one this copy never attempted settles against the amount the peer's may have paid."""
-        if mine.cents != theirs.cents and mine.requested_at == [None, None] \
-                and theirs.requested_at != [None, None]:
-            mine.cents = theirs.cents
+        a processor holding either is this payment (other_cents, read by the Dispatcher)."""
+        if theirs.cents != mine.cents:
+            mine.other_cents = theirs.cents
         for processor in (0, 1):
             if mine.requested_at[processor] is None:
                 mine.requested_at[processor] = theirs.requested_at[processor]

@@ -48,8 +48,9 @@ connection still brings after a newer one's "E" is older than that snapshot
 and is dropped; before it, it still applies, except where a newer connection
 has spoken of that payment (_Replica). A snapshot cut short (its connection
 closed before "E") is laid over the copy the same way. A restarted peer gets
-our snapshot only once what its predecessor left pending here is inherited
-and adopted, so that it knows those payments before it takes any. An acceptance is in the kernel's socket buffer to the
+our snapshot's "E" (and is ready) only once what its predecessor left pending
+here is inherited and adopted, so that it knows those payments before it
+takes any. An acceptance is in the kernel's socket buffer to the
 peer before its 202 is written, and an attempt before its request leaves: while
 the peer does not read (the buffer is full), answers and attempts wait for
 their own bytes (_Outgoing); if one has waited PEER_STALL_S the link is dropped
@@ -557,22 +558,23 @@ class PeerLink:
         for start in range(0, len(outbox), RESYNC_CHUNK):
             self._send(["R", outbox[start:start + RESYNC_CHUNK], [], []])
         self.records_sent += len(outbox)
-        # A restarted peer is ready once our snapshot is in: let it name what its predecessor left
-        # pending here (inherited, adopted), or a repeat of one would be a second copy there.
-        deadline = asyncio.get_running_loop().time() + self._sync_timeout_s
-        while (self._dead_epochs or (self._adopting is not None and self._adopting())) \
-                and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
         # The replica snapshot, in chunks (a long queue would make one line of many MB, and as many
         # ms to build and to read). The link is up from here: a payment accepted or changed
         # meanwhile travels in an "R" behind the chunks sent so far, and each chunk is built from
         # the payments as they are when it is sent, so none is older than what went before it.
         self.link_up = True
         pending = self._pending() if self._pending is not None else []
-        for start in range(0, len(pending), SNAPSHOT_CHUNK):
+        for start in range(0, max(len(pending), 1), SNAPSHOT_CHUNK):   # one "W" at least: it opens the staging
             self._send(["W", [replica_entry(payment) for payment in pending[start:start + SNAPSHOT_CHUNK]
                               if payment.state == PENDING]])
             await writer.drain()
+        # A restarted peer is ready at our "E": first let what its predecessor left pending here be
+        # inherited and adopted (each adopted payment reaches it meanwhile, as an "R"), or a repeat
+        # of one would be a second copy there.
+        deadline = asyncio.get_running_loop().time() + self._sync_timeout_s
+        while (self._dead_epochs or (self._adopting is not None and self._adopting())) \
+                and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
         self._send(["E", self._store.local_epoch])
         self.connects += 1
         log.info("peer link up (peer epoch %s, %d records sent)", hello["epoch"], self.records_sent)

@@ -536,7 +536,8 @@ class Dispatcher:
                 breaker.on_success()
             else:
                 breaker.on_not_sent(now)          # settled by the other one: this one was never asked
-            if cents == payment.cents:
+            if cents == payment.cents or cents == payment.other_cents:
+                payment.cents = cents             # the copy the processor holds is the one counted
                 self._record(payment, where, requested_at, outcome, audit)
                 return
             outcome, detail = REJECTED, "already stored with another amount (%d.%02d)" % divmod(cents, 100)

@@ -12,7 +12,7 @@ import uvloop
 
 from config import Settings
 from payments import ACCEPTED, Payment, PaymentBook, left_behind, replica_entry
-from processors import Breaker, Dispatcher, ProcessorClient
+from processors import DUPLICATE, SERVER_ERROR, STORED, Breaker, Dispatcher, ProcessorClient
 from store import PaymentStore
 
 
@@ -101,17 +101,17 @@ def test_a_copy_accepted_here_takes_the_pin_of_the_peers_copy():
     assert not book.ready and list(book.pinned[0]) == [mine] and book.pending == 1
 
 
-def test_a_copy_with_another_amount_takes_the_amount_the_peers_copy_may_have_paid():
+def test_a_copy_with_another_amount_settles_against_either_amount():
     """A repeat with another amount reached this instance before it read the dead peer's last
     lines (its acceptance, its attempt at the fallback): both were answered 202. The processor
-    may hold the first copy's amount, so that is what this copy settles (its 422) against."""
+    may hold either copy's amount: this copy, which took the peer's over, settles against both."""
     book = PaymentBook(100, 100)
     assert book.accept("f" * 36, 861, 1.0) == ACCEPTED
     theirs = Payment("f" * 36, 750, 0.5)
     theirs.requested_at, theirs.ambiguous, theirs.pinned = [None, 1752150896789], [False, True], 1
     assert not book.adopt(theirs)
     mine = book.get("f" * 36)
-    assert (mine.cents, mine.pinned, mine.requested_at) == (750, 1, [None, 1752150896789])
+    assert (mine.cents, mine.other_cents, mine.pinned, mine.requested_at) == (861, 750, 1, [None, 1752150896789])
 
 
 def test_a_dead_letter_with_another_amount_does_not_hide_the_peers_copy():
@@ -190,3 +190,54 @@ def test_a_held_payment_is_not_attempted_until_it_is_confirmed():
     held_before, behind_before, held_after, behind_after = uvloop.run(hold_then_confirm())
     assert (held_before, behind_before) == (0, 0)
     assert held_after >= 1 and behind_after >= 1       # (a refused connection: retried with backoff)
+
+
+class ScriptedProcessors:
+    """The processors' answers, scripted: the first attempt a 5xx, every later one a 422, and the
+    lookup after it says the processor holds the payment with `held_cents`."""
+
+    def __init__(self, held_cents, requested_at):
+        self.held_cents, self.requested_at, self.calls = held_cents, requested_at, 0
+
+    async def pay(self, processor, body):
+        self.calls += 1
+        await asyncio.sleep(0)
+        return (SERVER_ERROR, "HTTP 500") if self.calls == 1 else (DUPLICATE, "HTTP 422")
+
+    async def stored(self, processor, correlation_id):
+        return STORED, self.held_cents, self.requested_at
+
+
+def test_a_copy_that_took_over_the_peers_is_counted_with_the_amount_the_processor_holds():
+    """This copy (20.00) was attempted once (5xx) when the dead peer's copy (10.00, in flight at the
+    default) was taken over; its retry gets 422 and the processor holds 10.00: that is this
+    payment, recorded once with 10.00, not a dead letter that leaves the stored one uncounted."""
+    cid, requested_at = "d" * 36, 1752150896789
+
+    async def main():
+        settings = Settings(dispatch_delay_s=0.0, health_enabled=False, retry_base_s=0.05, retry_max_s=0.05)
+        book = PaymentBook(settings.queue_capacity, settings.index_capacity)
+        store = PaymentStore(1000, "2-1")
+        breakers = tuple(Breaker(settings.breaker_failures, settings.breaker_probe_s, settings.breaker_probe_max_s)
+                         for _ in range(2))
+        dispatcher = Dispatcher(settings, book, store, ScriptedProcessors(1000, requested_at), breakers)
+        runner = asyncio.get_running_loop().create_task(dispatcher.run())
+        await asyncio.sleep(0)
+        assert book.accept(cid, 2000, 1.0) == ACCEPTED
+        mine = book.get(cid)
+        while mine.attempts == 0 or mine in book.in_flight:
+            await asyncio.sleep(0.001)
+        theirs = Payment(cid, 1000, 0.5)
+        theirs.requested_at = [requested_at, None]
+        entry = replica_entry(theirs)
+        entry[1] = 0
+        assert not book.adopt(left_behind(entry, 2.0))
+        for _ in range(200):
+            if store.held(cid) is not None or book.dead:
+                break
+            await asyncio.sleep(0.005)
+        runner.cancel()
+        return store.held(cid), book.dead
+
+    held, dead = uvloop.run(main())
+    assert held == (requested_at, 1000, 0) and dead == 0

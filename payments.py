@@ -71,13 +71,16 @@ class Payment:
         Unix socket). So a payment the peer takes over keeps the time it has already waited.
         """
         return [self.correlation_id, self.cents, self.requested_at, self.ambiguous, self.pinned,
-                self.attempts, self.last_error, self.accepted_at, self.unverified or [False, False]]
+                self.attempts, self.last_error, self.accepted_at, self.unverified or [False, False],
+                self.other_cents]
 
     @classmethod
     def from_wire(cls, wire, now):
         """The payment to_wire() describes; its wait so far counts, but never ends in the future."""
-        correlation_id, cents, requested_at, ambiguous, pinned, attempts, last_error, accepted_at, unverified = wire
+        (correlation_id, cents, requested_at, ambiguous, pinned, attempts, last_error, accepted_at, unverified,
+         other_cents) = wire
         payment = cls(correlation_id, cents, min(accepted_at, now))
+        payment.other_cents = other_cents
         payment.requested_at = list(requested_at)
         payment.ambiguous = list(ambiguous)
         payment.unverified = list(unverified) if any(unverified) else None
@@ -262,11 +265,13 @@ class PaymentBook:
         self.pending -= 1
         self.paid += 1
 
-    def settle_by_record(self, payment, processor, requested_at_ms):
+    def settle_by_record(self, payment, processor, requested_at_ms, cents):
         """A record of this payment arrived from the peer: a pending copy here that is not being
-        attempted is paid (by the processor the record names); True if it was settled so."""
+        attempted is paid (by the processor the record names, with the record's amount: another
+        copy's, see _merge); True if it was settled so."""
         if payment.state != PENDING or payment in self.in_flight:
             return False
+        payment.cents = cents
         self.mark_paid(payment, processor, requested_at_ms)
         if self.audit is not None and self.audit.enabled:
             self.audit.record("paid", payment.correlation_id, outcome="recorded by the peer")

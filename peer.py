@@ -568,25 +568,31 @@ class PeerLink:
             self._send(["W", [replica_entry(payment) for payment in pending[start:start + SNAPSHOT_CHUNK]
                               if payment.state == PENDING]])
             await writer.drain()
-        # A restarted peer is ready at our "E": first let what its predecessor left pending here be
-        # inherited and adopted (each adopted payment reaches it meanwhile, as an "R"), or a repeat
-        # of one would be a second copy there.
+        self.connects += 1
+        log.info("peer link up (peer epoch %s, %d records sent)", hello["epoch"], self.records_sent)
+        end = asyncio.ensure_future(self._end_snapshot())
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    raise asyncio.IncompleteReadError(b"", None)
+                message = orjson.loads(line)
+                if message[0] in ("l", "h"):          # a lookup's answer, a hand-over's acknowledgement
+                    future = self._lookups.get(message[1])
+                    if future is not None and not future.done():
+                        future.set_result(message[2])
+        finally:
+            end.cancel()
+
+    async def _end_snapshot(self):
+        """A restarted peer is ready at our "E": first let what its predecessor left pending here be
+        inherited and adopted (each adopted payment reaches it meanwhile, as an "R"), or a repeat
+        of one would be a second copy there. Answers to our lookups are read meanwhile."""
         deadline = asyncio.get_running_loop().time() + self._sync_timeout_s
         while (self._dead_epochs or (self._adopting is not None and self._adopting())) \
                 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         self._send(["E", self._store.local_epoch])
-        self.connects += 1
-        log.info("peer link up (peer epoch %s, %d records sent)", hello["epoch"], self.records_sent)
-        while True:
-            line = await reader.readline()
-            if not line:
-                raise asyncio.IncompleteReadError(b"", None)
-            message = orjson.loads(line)
-            if message[0] in ("l", "h"):          # a lookup's answer, a hand-over's acknowledgement
-                future = self._lookups.get(message[1])
-                if future is not None and not future.done():
-                    future.set_result(message[2])
 
     # ----- incoming: the peer's records to us ---------------------------------------
     async def _serve_incoming(self, reader, writer):

@@ -35,7 +35,7 @@ from payments import Payment, PaymentBook, entry_cents, entry_id, left_behind, w
 from peer import PeerLink
 from processors import Breaker, Dispatcher, HealthMonitor
 from router import Router, describe_local, json_error
-from store import PaymentStore, record_correlation_id, record_processor, record_requested_at
+from store import PaymentStore, record_cents, record_correlation_id, record_processor, record_requested_at
 
 log = logging.getLogger("server")
 
@@ -422,7 +422,7 @@ class Instance:
         twice across a failure) is paid already; one with an attempt under way settles itself."""
         payment = self.book.get(record_correlation_id(record))
         if payment is not None and self.book.settle_by_record(payment, record_processor(record),
-                                                              record_requested_at(record)):
+                                                              record_requested_at(record), record_cents(record)):
             self.peer.forget(payment)
 
     def _answer_lookup(self, key):

@@ -57,6 +57,10 @@ def record_requested_at(record):
     return record[2]
 
 
+def record_cents(record):
+    return record[3]
+
+
 def describe_record(record):
     """A record as JSON-ready fields (GET /admin/records)."""
     epoch, seq, requested_at_ms, cents, processor, correlation_id, paid_at_ms = record

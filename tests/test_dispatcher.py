@@ -23,6 +23,11 @@ def refused_url():
         return "http://127.0.0.1:%d" % s.getsockname()[1]
 
 
+def breakers_for(settings):
+    return tuple(Breaker(settings.breaker_failures, settings.breaker_probe_s, settings.breaker_probe_max_s)
+                 for _ in range(2))
+
+
 async def stop_while_attempts_are_being_started(count):
     url = refused_url()
     settings = Settings(processor_default_url=url, processor_fallback_url=url, dispatch_delay_s=0.0,
@@ -30,8 +35,7 @@ async def stop_while_attempts_are_being_started(count):
     book = PaymentBook(settings.queue_capacity, settings.index_capacity)
     client = ProcessorClient(settings)
     await client.start()
-    breakers = tuple(Breaker(settings.breaker_failures, settings.breaker_probe_s, settings.breaker_probe_max_s)
-                     for _ in range(2))
+    breakers = breakers_for(settings)
     dispatcher = Dispatcher(settings, book, PaymentStore(1000, "e"), client, breakers)
     runner = asyncio.get_running_loop().create_task(dispatcher.run())
     await asyncio.sleep(0)                          # the dispatcher is waiting for work
@@ -78,6 +82,7 @@ def test_the_wire_form_carries_every_exactly_once_field():
     payment.ambiguous = [True, False]
     payment.unverified = [False, True]
     payment.pinned, payment.attempts, payment.last_error = 0, 3, "default: HTTP 500"
+    payment.other_cents = 199                       # a copy with another amount it took over (_merge)
     back = Payment.from_wire(orjson.loads(orjson.dumps(payment.to_wire())), 5.0)
     assert {name: getattr(back, name) for name in Payment.__slots__} == \
         {name: getattr(payment, name) for name in Payment.__slots__}
@@ -163,8 +168,7 @@ async def hold_then_confirm():
     book = PaymentBook(settings.queue_capacity, settings.index_capacity)
     client = ProcessorClient(settings)
     await client.start()
-    breakers = tuple(Breaker(settings.breaker_failures, settings.breaker_probe_s, settings.breaker_probe_max_s)
-                     for _ in range(2))
+    breakers = breakers_for(settings)
     dispatcher = Dispatcher(settings, book, PaymentStore(1000, "e"), client, breakers)
     runner = asyncio.get_running_loop().create_task(dispatcher.run())
     await asyncio.sleep(0)
@@ -218,8 +222,7 @@ def test_a_copy_that_took_over_the_peers_is_counted_with_the_amount_the_processo
         settings = Settings(dispatch_delay_s=0.0, health_enabled=False, retry_base_s=0.05, retry_max_s=0.05)
         book = PaymentBook(settings.queue_capacity, settings.index_capacity)
         store = PaymentStore(1000, "2-1")
-        breakers = tuple(Breaker(settings.breaker_failures, settings.breaker_probe_s, settings.breaker_probe_max_s)
-                         for _ in range(2))
+        breakers = breakers_for(settings)
         dispatcher = Dispatcher(settings, book, store, ScriptedProcessors(1000, requested_at), breakers)
         runner = asyncio.get_running_loop().create_task(dispatcher.run())
         await asyncio.sleep(0)

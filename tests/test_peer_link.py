@@ -29,6 +29,39 @@ def make_link(listen, connect, store, inherited=None):
                     on_settled=lambda record: None)
 
 
+async def start_survivor(paths, inherited=None, store=None):
+    """The instance that outlives the other (its socket is paths[1], it dials paths[0])."""
+    a_sock, b_sock = paths
+    survivor = make_link(b_sock, a_sock, store if store is not None else PaymentStore(1000, SURVIVOR), inherited)
+    await survivor.start()
+    return survivor
+
+
+async def connection_of(epoch, number, path):
+    """A connection of a peer epoch, said hello to."""
+    raw = RawEpoch(epoch, number)
+    await raw.connect(path)
+    return raw
+
+def ids(entries):
+    return sorted(e[0][0] for e in entries)
+
+
+async def successor_arrives(a_sock, b_sock):
+    successor = make_link(a_sock, b_sock, PaymentStore(1000, SUCCESSOR))
+    await successor.start()
+    await settle()
+    return successor
+
+
+async def successor_arrives_then_close(paths, survivor):
+    """The dead epoch's successor says hello (the dead epoch is known dead); then both close."""
+    a_sock, b_sock = paths
+    successor = await successor_arrives(a_sock, b_sock)
+    await survivor.close()
+    await successor.close()
+
+
 class RawEpoch:
     """One connection of an epoch of the peer, written by hand."""
 
@@ -80,8 +113,7 @@ def test_records_a_dead_epoch_delivers_late_go_to_its_successor_behind_the_resyn
         survivor_store = PaymentStore(100_000, SURVIVOR)
         survivor = make_link(b_sock, a_sock, survivor_store)
         await survivor.start()
-        dead = RawEpoch(DEAD, 1)
-        await dead.connect(b_sock)
+        dead = await connection_of(DEAD, 1, b_sock)
         total = 20_000
         for start in range(1, total + 1, 2000):
             dead.send(["R", [record(s) for s in range(start, start + 2000)], [], []])
@@ -120,10 +152,8 @@ def test_a_dead_epochs_last_attempt_read_late_is_inherited_with_it(paths):
 
     async def main():
         inherited = []
-        survivor = make_link(b_sock, a_sock, PaymentStore(1000, SURVIVOR), inherited)
-        await survivor.start()
-        dead = RawEpoch(DEAD, 1)
-        await dead.connect(b_sock)
+        survivor = await start_survivor(paths, inherited)
+        dead = await connection_of(DEAD, 1, b_sock)
         payment = pending(1)
         dead.send(["W", [replica_entry(payment)]])
         dead.send(["E", DEAD])
@@ -157,19 +187,13 @@ def test_a_snapshot_cut_short_by_the_senders_death_is_inherited(paths):
 
     async def main():
         inherited = []
-        survivor = make_link(b_sock, a_sock, PaymentStore(1000, SURVIVOR), inherited)
-        await survivor.start()
-        dead = RawEpoch(DEAD, 1)
-        await dead.connect(b_sock)
+        survivor = await start_survivor(paths, inherited)
+        dead = await connection_of(DEAD, 1, b_sock)
         dead.send(["W", [replica_entry(pending(1))]])
         dead.send(["R", [], [], [replica_entry(pending(2))]])
         await dead.close()                                   # no "E": it died
         await settle()
-        successor = make_link(a_sock, b_sock, PaymentStore(1000, SUCCESSOR))
-        await successor.start()
-        await settle()
-        await survivor.close()
-        await successor.close()
+        await successor_arrives_then_close(paths, survivor)
         return inherited
 
     inherited = run(main())
@@ -185,16 +209,13 @@ def test_an_older_connections_tail_applies_until_a_newer_snapshot_replaces_the_c
 
     async def main():
         inherited = []
-        survivor = make_link(b_sock, a_sock, PaymentStore(1000, SURVIVOR), inherited)
-        await survivor.start()
-        first = RawEpoch(DEAD, 1)
-        await first.connect(b_sock)
+        survivor = await start_survivor(paths, inherited)
+        first = await connection_of(DEAD, 1, b_sock)
         first.send(["W", [replica_entry(pending(1))]])
         first.send(["E", DEAD])
         await first.writer.drain()
         await settle()
-        second = RawEpoch(DEAD, 2)
-        await second.connect(b_sock)
+        second = await connection_of(DEAD, 2, b_sock)
         await settle()
         first.send(["R", [], [], [replica_entry(pending(2))]])     # before the second's "E": applies
         await first.writer.drain()
@@ -209,11 +230,7 @@ def test_an_older_connections_tail_applies_until_a_newer_snapshot_replaces_the_c
         await settle()
         copy_before_death = sorted(pending(n).correlation_id for n in (1, 2, 3)
                                    if survivor.pending_cents(pending(n).correlation_id) is not None)
-        successor = make_link(a_sock, b_sock, PaymentStore(1000, SUCCESSOR))
-        await successor.start()
-        await settle()
-        await survivor.close()
-        await successor.close()
+        await successor_arrives_then_close(paths, survivor)
         return copy_before_death, inherited
 
     copy, inherited = run(main())
@@ -228,16 +245,13 @@ def test_an_older_connections_tail_is_kept_when_the_newer_snapshot_never_ends(pa
 
     async def main():
         inherited = []
-        survivor = make_link(b_sock, a_sock, PaymentStore(1000, SURVIVOR), inherited)
-        await survivor.start()
-        first = RawEpoch(DEAD, 1)
-        await first.connect(b_sock)
+        survivor = await start_survivor(paths, inherited)
+        first = await connection_of(DEAD, 1, b_sock)
         first.send(["W", [replica_entry(pending(1))]])
         first.send(["E", DEAD])
         await first.writer.drain()
         await settle()
-        second = RawEpoch(DEAD, 2)
-        await second.connect(b_sock)
+        second = await connection_of(DEAD, 2, b_sock)
         second.send(["W", [replica_entry(pending(1))]])
         await second.writer.drain()
         await settle()
@@ -245,11 +259,7 @@ def test_an_older_connections_tail_is_kept_when_the_newer_snapshot_never_ends(pa
         await first.close()
         await second.close()                                 # died before its "E"
         await settle()
-        successor = make_link(a_sock, b_sock, PaymentStore(1000, SUCCESSOR))
-        await successor.start()
-        await settle()
-        await survivor.close()
-        await successor.close()
+        await successor_arrives_then_close(paths, survivor)
         return inherited
 
     inherited = run(main())
@@ -257,16 +267,6 @@ def test_an_older_connections_tail_is_kept_when_the_newer_snapshot_never_ends(pa
 
 
 # ----- found by the review of the fix (B31) ---------------------------------------------------
-
-def ids(entries):
-    return sorted(e[0][0] for e in entries)
-
-
-async def successor_arrives(a_sock, b_sock):
-    successor = make_link(a_sock, b_sock, PaymentStore(1000, SUCCESSOR))
-    await successor.start()
-    await settle()
-    return successor
 
 
 def test_an_older_connections_end_read_late_keeps_what_a_newer_cut_short_snapshot_said(paths):
@@ -277,15 +277,12 @@ def test_an_older_connections_end_read_late_keeps_what_a_newer_cut_short_snapsho
 
     async def main():
         inherited = []
-        survivor = make_link(b_sock, a_sock, PaymentStore(1000, SURVIVOR), inherited)
-        await survivor.start()
-        first = RawEpoch(DEAD, 1)
-        await first.connect(b_sock)
+        survivor = await start_survivor(paths, inherited)
+        first = await connection_of(DEAD, 1, b_sock)
         first.send(["W", [replica_entry(pending(1))]])        # its E still unread
         await first.writer.drain()
         await settle()
-        second = RawEpoch(DEAD, 2)
-        await second.connect(b_sock)
+        second = await connection_of(DEAD, 2, b_sock)
         second.send(["W", [replica_entry(pending(1)), replica_entry(pending(2))]])
         second.send(["R", [], [], [replica_entry(pending(3))]])
         await second.close()                                 # died before its E
@@ -293,9 +290,7 @@ def test_an_older_connections_end_read_late_keeps_what_a_newer_cut_short_snapsho
         first.send(["E", DEAD])                               # conn 1's tail, read late
         await first.close()
         await settle()
-        successor = await successor_arrives(a_sock, b_sock)
-        await survivor.close()
-        await successor.close()
+        await successor_arrives_then_close(paths, survivor)
         return inherited
 
     inherited = run(main())
@@ -310,10 +305,8 @@ def test_an_older_connections_update_read_late_never_overrides_a_newer_attempt(p
 
     async def main():
         inherited = []
-        survivor = make_link(b_sock, a_sock, PaymentStore(1000, SURVIVOR), inherited)
-        await survivor.start()
-        first = RawEpoch(DEAD, 1)
-        await first.connect(b_sock)
+        survivor = await start_survivor(paths, inherited)
+        first = await connection_of(DEAD, 1, b_sock)
         first.send(["W", []])
         first.send(["E", DEAD])
         await first.writer.drain()
@@ -324,17 +317,14 @@ def test_an_older_connections_update_read_late_never_overrides_a_newer_attempt(p
         new.attempts = 1
         new.requested_at[1] = 1752150896789
         new.in_flight_to = 1
-        second = RawEpoch(DEAD, 2)
-        await second.connect(b_sock)
+        second = await connection_of(DEAD, 2, b_sock)
         second.send(["W", [replica_entry(new)]])
         await second.close()                                 # died before its E
         await settle()
         first.send(["R", [], [], [replica_entry(old)]])       # conn 1's tail, read late
         await first.close()
         await settle()
-        successor = await successor_arrives(a_sock, b_sock)
-        await survivor.close()
-        await successor.close()
+        await successor_arrives_then_close(paths, survivor)
         return inherited
 
     inherited = run(main())
@@ -349,29 +339,24 @@ def test_an_older_cut_short_snapshot_never_overrides_a_newer_one(paths):
 
     async def main():
         inherited = []
-        survivor = make_link(b_sock, a_sock, PaymentStore(1000, SURVIVOR), inherited)
-        await survivor.start()
+        survivor = await start_survivor(paths, inherited)
         old = pending(1)
         old.in_flight_to = 0
         new = pending(1)
         new.attempts = 1
         new.requested_at[1] = 1752150896789
         new.in_flight_to = 1
-        first = RawEpoch(DEAD, 1)
-        await first.connect(b_sock)
+        first = await connection_of(DEAD, 1, b_sock)
         first.send(["W", [replica_entry(old)]])
         await first.writer.drain()
         await settle()
-        second = RawEpoch(DEAD, 2)
-        await second.connect(b_sock)
+        second = await connection_of(DEAD, 2, b_sock)
         second.send(["W", [replica_entry(new)]])
         await second.close()
         await settle()
         await first.close()
         await settle()
-        successor = await successor_arrives(a_sock, b_sock)
-        await survivor.close()
-        await successor.close()
+        await successor_arrives_then_close(paths, survivor)
         return inherited
 
     inherited = run(main())
@@ -386,15 +371,12 @@ def test_an_epoch_first_heard_after_a_newer_one_is_dead_and_inherited(paths):
 
     async def main():
         inherited = []
-        survivor = make_link(b_sock, a_sock, PaymentStore(1000, SURVIVOR), inherited)
-        await survivor.start()
-        newer = RawEpoch(SUCCESSOR, 1)
-        await newer.connect(b_sock)
+        survivor = await start_survivor(paths, inherited)
+        newer = await connection_of(SUCCESSOR, 1, b_sock)
         newer.send(["E", SUCCESSOR])
         await newer.writer.drain()
         await settle()
-        older = RawEpoch(DEAD, 1)
-        await older.connect(b_sock)
+        older = await connection_of(DEAD, 1, b_sock)
         older.send(["W", [replica_entry(pending(1))]])
         older.send(["E", DEAD])
         await older.close()

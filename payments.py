@@ -240,8 +240,10 @@ class PaymentBook:
 
     def withdraw(self, payment):
         """Undo the acceptance of a payment never attempted (its 202 could not be kept: the
-        instance answers 503 instead); False if it can no longer be undone."""
-        if payment.state != PENDING or payment in self.in_flight or payment.attempts:
+        instance answers 503 instead); False if it can no longer be undone (attempted, or merged
+        with the peer's copy, whose 202 was given)."""
+        if payment.state != PENDING or payment in self.in_flight or payment.attempts \
+                or payment.other_cents is not None:
             return False
         payment.state = WITHDRAWN
         payment.unconfirmed = False
@@ -356,8 +358,7 @@ class PaymentBook:
         this copy is already pinned (then both may hold it, and the processors' 422 settle it).
         Copies with two amounts (a repeat that came before the dead peer's last lines were read):
         a processor holding either is this payment (other_cents, read by the Dispatcher)."""
-        if theirs.cents != mine.cents:
-            mine.other_cents = theirs.cents
+        mine.other_cents = theirs.cents            # (also when equal: it marks the copy as merged)
         for processor in (0, 1):
             if mine.requested_at[processor] is None:
                 mine.requested_at[processor] = theirs.requested_at[processor]

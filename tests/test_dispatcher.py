@@ -132,6 +132,20 @@ def test_a_dead_letter_with_another_amount_does_not_hide_the_peers_copy():
     assert list(book.pinned[0]) == [theirs]
 
 
+def test_a_held_copy_that_took_over_the_peers_cannot_be_withdrawn():
+    """A copy here, its 202 still waiting, takes over the dead peer's copy (answered 202 long ago):
+    if the link then stalls, this copy's answer is not undone, since it is also the peer's."""
+    book = PaymentBook(100, 100)
+    assert book.accept("b" * 36, 100, 1.0) == ACCEPTED
+    mine = book.get("b" * 36)
+    book.hold(mine)
+    theirs = Payment("b" * 36, 100, 0.5)
+    theirs.requested_at, theirs.ambiguous, theirs.pinned = [1752150896789, None], [True, False], 0
+    assert not book.adopt(theirs)
+    assert not book.withdraw(mine)
+    assert book.get("b" * 36) is mine and book.pending == 1
+
+
 def test_a_withdrawn_acceptance_is_forgotten():
     book = PaymentBook(100, 100)
     assert book.accept("f" * 36, 100, 1.0) == ACCEPTED

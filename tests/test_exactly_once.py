@@ -145,23 +145,36 @@ def send_concurrently(target, bodies, threads, deadline_s):
     return workers, results
 
 
+def flood_with_the_peer_stopped(one, two, deadline_s, then):
+    """api2 stopped (SIGSTOP): 3,000 payments at api1 over 12 connections for deadline_s, and
+    then() (api1's fault) while they come; api2 resumed. {correlationId: status or None}."""
+    two.process.send_signal(signal.SIGSTOP)
+    try:
+        workers, results = send_concurrently(one.socket, [payment(3.00) for _ in range(3000)], threads=12,
+                                             deadline_s=deadline_s)
+        then()
+        for w in workers:
+            w.join(5)
+    finally:
+        two.process.send_signal(signal.SIGCONT)
+    return results
+
+
 def test_a_202_is_written_only_once_the_acceptance_is_in_the_kernel(make_stack):
     """The peer stops reading (SIGSTOP): its socket buffer fills, and api1 must not answer 202
     for a payment whose acceptance sits in its own memory. api1 is then killed -9 and the peer
     resumed: every payment answered 202 is paid exactly once and reported, none dead-lettered."""
     stack = make_stack(with_haproxy=False)
     one, two = stack.instances
-    two.process.send_signal(signal.SIGSTOP)
-    try:
-        bodies = [payment(3.00) for _ in range(3000)]
-        workers, results = send_concurrently(one.socket, bodies, threads=12, deadline_s=0.6)
+    before_kill = []
+
+    def kill_one():
         time.sleep(0.6)
-        figures_before_kill = instance_health(one)
+        before_kill.append(instance_health(one))
         one.kill()
-        for w in workers:
-            w.join(5)
-    finally:
-        two.process.send_signal(signal.SIGCONT)
+
+    results = flood_with_the_peer_stopped(one, two, deadline_s=0.6, then=kill_one)
+    figures_before_kill = before_kill[0]
     accepted = [cid for cid, status in results.items() if status == 202]
     unknown = [cid for cid, status in results.items() if status is None]
     wait_until(lambda: "is gone: inherited" in two.log(), timeout=10, what="api2 to inherit")
@@ -655,17 +668,13 @@ def test_a_202_waiting_when_sigterm_comes_is_decided_before_the_hand_over(make_s
     stack = make_stack(with_haproxy=False, PEER_STALL_S="1.0", SHUTDOWN_GRACE_S="0.1",
                        HEALTH_ENABLED="false")
     one, two = stack.instances
-    two.process.send_signal(signal.SIGSTOP)
-    try:
-        bodies = [payment(3.00) for _ in range(3000)]
-        workers, results = send_concurrently(one.socket, bodies, threads=12, deadline_s=0.5)
+
+    def stop_one():
         time.sleep(0.4)
         one.process.send_signal(signal.SIGTERM)
         one.process.wait(20)
-        for w in workers:
-            w.join(5)
-    finally:
-        two.process.send_signal(signal.SIGCONT)
+
+    results = flood_with_the_peer_stopped(one, two, deadline_s=0.5, then=stop_one)
     accepted = {cid for cid, status in results.items() if status == 202}
     refused = {cid for cid, status in results.items() if status == 503}
     time.sleep(2.0)                                 # api2 reads what api1 wrote, and inherits its pending

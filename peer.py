@@ -204,10 +204,12 @@ class _Replica:
         if number > self.base:
             self.said_by[correlation_id] = number       # an older connection must not bring it back
 
-    def paid(self, correlation_id):
-        """A record of it exists: whatever any connection says, it is not pending."""
+    def paid(self, correlation_id, number=0):
+        """A record of it exists (heard on connection `number`): whatever any connection says, it
+        is not pending, and no older one read late brings it back."""
         self.entries.pop(correlation_id, None)
-        self.said_by.pop(correlation_id, None)
+        if number > self.base:
+            self.said_by[correlation_id] = max(number, self.said_by.get(correlation_id, number))
 
     def replace(self, number, snapshot):
         """Connection `number`'s whole snapshot: it replaces what connections up to it said."""
@@ -624,10 +626,13 @@ class PeerLink:
                 self._lay_over(link, link.staging)   # a snapshot cut short: its word, as far as it got
             self._inherit_dead()
 
-    def _lay_over(self, link, entries):
+    def _lay_over(self, link, staging):
         replica = self._replicas.setdefault(link.epoch, _Replica())
-        for entry in entries.values():
-            replica.set(link.number, entry)
+        for correlation_id, entry in staging.items():
+            if entry is None:
+                replica.drop(link.number, correlation_id)    # finished on that connection
+            else:
+                replica.set(link.number, entry)
         self._drop_held(replica)
 
     def _drop_held(self, replica):
@@ -655,7 +660,7 @@ class PeerLink:
                 for entry in message[3]:
                     link.staging[entry_id(entry)] = entry
                 for correlation_id in message[2]:
-                    link.staging.pop(correlation_id, None)
+                    link.staging[correlation_id] = None    # finished (a snapshot cut short drops it too)
             elif link.number >= 0:
                 replica = self._replicas.get(link.epoch)
                 if replica is not None:
@@ -664,19 +669,19 @@ class PeerLink:
                     for correlation_id in message[2]:
                         replica.drop(link.number, correlation_id)
             for record in records:                  # paid, wherever it was pending
-                for replica in self._replicas.values():
-                    replica.paid(record_correlation_id(record))
+                for epoch, replica in self._replicas.items():
+                    replica.paid(record_correlation_id(record), link.number if epoch == link.epoch else 0)
         elif kind == "W":
             if link.staging is None:
                 link.staging = {}
             for entry in message[1]:
                 link.staging[entry_id(entry)] = entry
         elif kind == "E":
-            entries, link.staging = link.staging or {}, None
+            staging, link.staging = link.staging or {}, None
             if link.number < 0:
                 return
             replica = self._replicas.setdefault(link.epoch, _Replica())
-            replica.replace(link.number, entries)
+            replica.replace(link.number, {cid: entry for cid, entry in staging.items() if entry is not None})
             self._drop_held(replica)
             if link.epoch not in self._gone:
                 self.synced = True
@@ -691,7 +696,7 @@ class PeerLink:
             replica = self._replicas.get(link.epoch)
             if taken and replica is not None:
                 for wire in wires:
-                    replica.paid(wire_id(wire))      # ours now, whatever any connection says
+                    replica.paid(wire_id(wire), link.number)   # ours now, whatever any connection says
             writer.write(orjson.dumps(["h", request_id, bool(taken)], option=_LINE))
         elif kind == "L":
             writer.write(orjson.dumps(["l", message[1], self._on_lookup(message[2])], option=_LINE))

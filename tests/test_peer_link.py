@@ -76,6 +76,13 @@ class RawEpoch:
     def send(self, message):
         self.writer.write(orjson.dumps(message) + b"\n")
 
+    async def say(self, *messages):
+        """Send these lines, and let the other side read them."""
+        for message in messages:
+            self.send(message)
+        await self.writer.drain()
+        await settle()
+
     async def close(self):
         await self.writer.drain()
         self.writer.close()
@@ -155,10 +162,7 @@ def test_a_dead_epochs_last_attempt_read_late_is_inherited_with_it(paths):
         survivor = await start_survivor(paths, inherited)
         dead = await connection_of(DEAD, 1, b_sock)
         payment = pending(1)
-        dead.send(["W", [replica_entry(payment)]])
-        dead.send(["E", DEAD])
-        await dead.writer.drain()
-        await settle()
+        await dead.say(["W", [replica_entry(payment)]], ["E", DEAD])
         successor = make_link(a_sock, b_sock, PaymentStore(1000, SUCCESSOR))
         await successor.start()
         await settle()                                     # the successor has said hello
@@ -211,19 +215,11 @@ def test_an_older_connections_tail_applies_until_a_newer_snapshot_replaces_the_c
         inherited = []
         survivor = await start_survivor(paths, inherited)
         first = await connection_of(DEAD, 1, b_sock)
-        first.send(["W", [replica_entry(pending(1))]])
-        first.send(["E", DEAD])
-        await first.writer.drain()
-        await settle()
+        await first.say(["W", [replica_entry(pending(1))]], ["E", DEAD])
         second = await connection_of(DEAD, 2, b_sock)
         await settle()
-        first.send(["R", [], [], [replica_entry(pending(2))]])     # before the second's "E": applies
-        await first.writer.drain()
-        await settle()
-        second.send(["W", [replica_entry(pending(2)), replica_entry(pending(3))]])
-        second.send(["E", DEAD])
-        await second.writer.drain()
-        await settle()
+        await first.say(["R", [], [], [replica_entry(pending(2))]])   # before the second's "E": applies
+        await second.say(["W", [replica_entry(pending(2)), replica_entry(pending(3))]], ["E", DEAD])
         first.send(["R", [], [], [replica_entry(pending(1))]])     # after it: older news, dropped
         await first.close()
         await second.close()
@@ -247,14 +243,9 @@ def test_an_older_connections_tail_is_kept_when_the_newer_snapshot_never_ends(pa
         inherited = []
         survivor = await start_survivor(paths, inherited)
         first = await connection_of(DEAD, 1, b_sock)
-        first.send(["W", [replica_entry(pending(1))]])
-        first.send(["E", DEAD])
-        await first.writer.drain()
-        await settle()
+        await first.say(["W", [replica_entry(pending(1))]], ["E", DEAD])
         second = await connection_of(DEAD, 2, b_sock)
-        second.send(["W", [replica_entry(pending(1))]])
-        await second.writer.drain()
-        await settle()
+        await second.say(["W", [replica_entry(pending(1))]])
         first.send(["R", [], [], [replica_entry(pending(2))]])
         await first.close()
         await second.close()                                 # died before its "E"
@@ -279,9 +270,7 @@ def test_an_older_connections_end_read_late_keeps_what_a_newer_cut_short_snapsho
         inherited = []
         survivor = await start_survivor(paths, inherited)
         first = await connection_of(DEAD, 1, b_sock)
-        first.send(["W", [replica_entry(pending(1))]])        # its E still unread
-        await first.writer.drain()
-        await settle()
+        await first.say(["W", [replica_entry(pending(1))]])   # its E still unread
         second = await connection_of(DEAD, 2, b_sock)
         second.send(["W", [replica_entry(pending(1)), replica_entry(pending(2))]])
         second.send(["R", [], [], [replica_entry(pending(3))]])
@@ -307,10 +296,7 @@ def test_an_older_connections_update_read_late_never_overrides_a_newer_attempt(p
         inherited = []
         survivor = await start_survivor(paths, inherited)
         first = await connection_of(DEAD, 1, b_sock)
-        first.send(["W", []])
-        first.send(["E", DEAD])
-        await first.writer.drain()
-        await settle()
+        await first.say(["W", []], ["E", DEAD])
         old = pending(1)
         old.in_flight_to = 0  # accepted, claimed for the default
         new = pending(1)
@@ -347,9 +333,7 @@ def test_an_older_cut_short_snapshot_never_overrides_a_newer_one(paths):
         new.requested_at[1] = 1752150896789
         new.in_flight_to = 1
         first = await connection_of(DEAD, 1, b_sock)
-        first.send(["W", [replica_entry(old)]])
-        await first.writer.drain()
-        await settle()
+        await first.say(["W", [replica_entry(old)]])
         second = await connection_of(DEAD, 2, b_sock)
         second.send(["W", [replica_entry(new)]])
         await second.close()
@@ -373,9 +357,7 @@ def test_an_epoch_first_heard_after_a_newer_one_is_dead_and_inherited(paths):
         inherited = []
         survivor = await start_survivor(paths, inherited)
         newer = await connection_of(SUCCESSOR, 1, b_sock)
-        newer.send(["E", SUCCESSOR])
-        await newer.writer.drain()
-        await settle()
+        await newer.say(["E", SUCCESSOR])
         older = await connection_of(DEAD, 1, b_sock)
         older.send(["W", [replica_entry(pending(1))]])
         older.send(["E", DEAD])
@@ -411,3 +393,49 @@ def test_a_message_before_the_i_line_drops_that_connection_only(paths):
         return state
 
     assert run(main()) == (True, True)
+
+
+# ----- found by a fresh reader of the books ----------------------------------------------------
+
+def test_a_payment_paid_on_a_newer_connection_is_not_brought_back_by_an_older_one(paths):
+    """Connection 2 brings X's record; connection 1's older line announcing X, read after it, must
+    not put X back among the pending (after a purge nothing else would stop it being paid again)."""
+    x = pending(1)
+
+    async def main():
+        survivor = await start_survivor(paths, [])
+        first = await connection_of(DEAD, 1, paths[1])
+        await first.say(["W", [replica_entry(x)]], ["E", DEAD])
+        second = await connection_of(DEAD, 2, paths[1])
+        paid = record(1)
+        paid[5] = x.correlation_id
+        await second.say(["R", [paid], [], []])
+        await first.say(["R", [], [], [replica_entry(x)]])
+        pending_after = survivor.pending_cents(x.correlation_id)
+        await first.close()
+        await second.close()
+        await survivor.close()
+        return pending_after
+
+    assert run(main()) is None
+
+
+def test_a_snapshot_cut_short_keeps_the_ends_its_own_connection_announced(paths):
+    """Connection 2 snapshots X, then says X is finished (dead-lettered), and dies before its "E":
+    the older copy's X is not inherited as if it were still pending."""
+    x = pending(7)
+
+    async def main():
+        inherited = []
+        survivor = await start_survivor(paths, inherited)
+        first = await connection_of(DEAD, 1, paths[1])
+        await first.say(["W", [replica_entry(x)]], ["E", DEAD])
+        await first.close()
+        second = await connection_of(DEAD, 2, paths[1])
+        await second.say(["W", [replica_entry(x)]], ["R", [], [x.correlation_id], []])
+        await second.close()
+        await settle()
+        await successor_arrives_then_close(paths, survivor)
+        return inherited
+
+    assert run(main()) == []

@@ -9,7 +9,8 @@ import heapq
 import itertools
 from collections import deque
 
-from store import PROCESSOR_NAMES
+from audit import OFF
+from store import PROCESSOR_NAMES, cents_text
 from timestamps import format_ms
 
 PENDING, PAID, DEAD, HANDED_OVER, WITHDRAWN = "pending", "paid", "dead_letter", "handed_over", "withdrawn"
@@ -61,7 +62,7 @@ class Payment:
 
     @property
     def amount_text(self):
-        return "%d.%02d" % divmod(self.cents, 100)
+        return cents_text(self.cents)
 
     def to_wire(self):
         """Everything the peer needs to carry on with this payment under the same rules.
@@ -141,9 +142,9 @@ def left_behind(entry, now):
 
 
 class PaymentBook:
-    def __init__(self, queue_capacity, index_capacity, audit=None):
+    def __init__(self, queue_capacity, index_capacity, audit=OFF):
         self.queue_capacity = queue_capacity
-        self.audit = audit                # AuditLog or None
+        self.audit = audit
         self.index_capacity = index_capacity
         self._index = {}              # correlationId -> Payment (insertion ordered)
         self.ready = deque()          # PENDING payments free to go to any processor
@@ -174,7 +175,7 @@ class PaymentBook:
             self._forget_oldest_finished()
         self.pending += 1
         self.ready.append(payment)
-        if self.audit is not None and self.audit.enabled:
+        if self.audit.enabled:
             self.audit.record("accepted", correlation_id, amount=payment.amount_text)
         if self.on_accepted is not None:
             self.on_accepted(payment)
@@ -275,7 +276,7 @@ class PaymentBook:
             return False
         payment.cents = cents
         self.mark_paid(payment, processor, requested_at_ms)
-        if self.audit is not None and self.audit.enabled:
+        if self.audit.enabled:
             self.audit.record("paid", payment.correlation_id, outcome="recorded by the peer")
         return True
 
@@ -295,7 +296,7 @@ class PaymentBook:
                 self.dead -= 1
                 self.pending += 1
                 (self.ready if payment.pinned is None else self.pinned[payment.pinned]).append(payment)
-                if self.audit is not None and self.audit.enabled:
+                if self.audit.enabled:
                     self.audit.record("replayed", payment.correlation_id)
                 if self.on_new is not None:
                     self.on_new(payment)
@@ -343,7 +344,7 @@ class PaymentBook:
         self._index[correlation_id] = payment
         self.pending += 1
         (self.ready if payment.pinned is None else self.pinned[payment.pinned]).append(payment)
-        if self.audit is not None and self.audit.enabled:
+        if self.audit.enabled:
             self.audit.record("adopted", correlation_id, attempts=payment.attempts)
         if self.on_new is not None:
             self.on_new(payment)

@@ -19,8 +19,9 @@ from decimal import Decimal, InvalidOperation
 import aiohttp
 import orjson
 
+from audit import OFF
 from payments import PENDING
-from store import DEFAULT, FALLBACK, PROCESSOR_NAMES
+from store import DEFAULT, FALLBACK, PROCESSOR_NAMES, cents_text
 from timestamps import format_ms, now_ms, parse_us
 
 log = logging.getLogger("processors")
@@ -200,7 +201,6 @@ class HealthMonitor:
         self._breakers = breakers
         self.peer = peer
         self.reports = [None, None]   # {"failing", "minResponseTime", "checkedAt"}
-        self.calls = 0
 
     def apply(self, processor, report, share=True):
         loop_now = asyncio.get_running_loop().time()
@@ -226,7 +226,6 @@ class HealthMonitor:
                 await asyncio.sleep(min(wait, 1.0))  # re-check the link at least every second
                 continue
             last_call = loop.time()
-            self.calls += 1
             report = await self._client.health(processor)
             if report is not None:
                 report["checkedAt"] = format_ms(now_ms())
@@ -241,7 +240,7 @@ class Dispatcher:
     the event loop (and the CPU quota) while payment requests wait.
     """
 
-    def __init__(self, settings, book, store, client, breakers, on_paid=None, audit=None, replica=None):
+    def __init__(self, settings, book, store, client, breakers, on_paid=None, audit=OFF, replica=None):
         self._settings = settings
         self._audit = audit
         self._book = book
@@ -261,7 +260,6 @@ class Dispatcher:
         self.attempts = [0, 0]
         self.retries = [0, 0]
         self.dead = [0, 0]           # payments dead-lettered after this processor's answer (observe.py)
-        self.outcomes = {}
         self._loop = None
         self._delayed_wake = None
         book.on_ready = self.wake_soon
@@ -442,7 +440,7 @@ class Dispatcher:
             payment.requested_at[processor] = now_ms()
         payment.in_flight_to = processor
         self._book.in_flight.add(payment)
-        if self._audit is not None and self._audit.enabled:
+        if self._audit.enabled:
             self._audit.record("attempt", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
                                requestedAt=format_ms(payment.requested_at[processor]), attempt=payment.attempts)
         return payment, processor, announced
@@ -520,15 +518,13 @@ class Dispatcher:
         The store keeps one record per correlationId: a payment settled twice
         (two copies, a resync) is counted once.
         """
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         if payment.state != PENDING:
             return
-        audit = self._audit if self._audit is not None and self._audit.enabled else None
         breaker = self.breakers[processor]
         now = self._loop.time()
         if outcome == PAID_OK:
             breaker.on_success()
-            self._record(payment, processor, payment.requested_at[processor], outcome, audit)
+            self._record(payment, processor, payment.requested_at[processor], outcome)
             return
         if outcome == STORED:
             where, cents, requested_at = detail
@@ -538,9 +534,9 @@ class Dispatcher:
                 breaker.on_not_sent(now)          # settled by the other one: this one was never asked
             if cents == payment.cents or cents == payment.other_cents:
                 payment.cents = cents             # the copy the processor holds is the one counted
-                self._record(payment, where, requested_at, outcome, audit)
+                self._record(payment, where, requested_at, outcome)
                 return
-            outcome, detail = REJECTED, "already stored with another amount (%d.%02d)" % divmod(cents, 100)
+            outcome, detail = REJECTED, "already stored with another amount (%s)" % cents_text(cents)
             processor, breaker = where, None
         if outcome == REJECTED:
             if breaker is not None:
@@ -550,9 +546,9 @@ class Dispatcher:
             if self._replica is not None:
                 self._replica.forget(payment)
             log.warning("dead-lettered %s: %s", payment.correlation_id, payment.last_error)
-            if audit:
-                audit.record("dead_lettered", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
-                             reason=payment.last_error)
+            if self._audit.enabled:
+                self._audit.record("dead_lettered", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
+                                   reason=payment.last_error)
             return
         if outcome == UNKNOWN:                   # a lookup failed, or shutdown came: nothing was sent
             breaker.on_not_sent(now)
@@ -569,11 +565,11 @@ class Dispatcher:
         self._book.retry_later(payment, now + backoff * random.uniform(0.5, 1.5))
         if self._replica is not None:
             self._replica.watch(payment)    # no longer in flight; maybe now pinned
-        if audit:
-            audit.record("retry", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
-                         outcome=outcome, reason=detail, pinned=payment.pinned is not None)
+        if self._audit.enabled:
+            self._audit.record("retry", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
+                               outcome=outcome, reason=detail, pinned=payment.pinned is not None)
 
-    def _record(self, payment, processor, requested_at, outcome, audit):
+    def _record(self, payment, processor, requested_at, outcome):
         """The processor holds the payment with this requestedAt: count it, once."""
         record = self._store.record_local(payment.correlation_id, requested_at, payment.cents, processor)
         self._book.mark_paid(payment, processor, requested_at)
@@ -587,9 +583,9 @@ class Dispatcher:
                 log.error("%s is stored by both processors", payment.correlation_id)
             if self._replica is not None:
                 self._replica.forget(payment)
-        if audit:
-            audit.record("paid", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
-                         requestedAt=format_ms(requested_at), outcome=outcome, counted=record is not None)
+        if self._audit.enabled:
+            self._audit.record("paid", payment.correlation_id, processor=PROCESSOR_NAMES[processor],
+                               requestedAt=format_ms(requested_at), outcome=outcome, counted=record is not None)
 
     async def stop(self):
         for task in list(self._tasks):

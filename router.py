@@ -17,7 +17,7 @@ import orjson
 import payment_request
 import payments
 from peer import STALLED
-from store import FALLBACK, DEFAULT, describe_record
+from store import FALLBACK, DEFAULT, cents_text, describe_record
 from timestamps import parse_lower_bound_ms, parse_upper_bound_ms
 
 JSON = b"content-type: application/json\r\nx-content-type-options: nosniff\r\ncache-control: no-store\r\n"
@@ -84,10 +84,6 @@ def parse_window(query):
         except (ValueError, OverflowError):
             return json_error(400, "%s must be an ISO-8601 timestamp" % name)
     return bounds
-
-
-def format_cents(cents):
-    return b"%d.%02d" % divmod(cents, 100)
 
 
 class Router:
@@ -202,9 +198,9 @@ class Router:
         if type(bounds) is not list:
             return bounds                    # the 400 answer
         totals = self.instance.store.summary(*bounds)
-        body = b'{"default":{"totalRequests":%d,"totalAmount":%s},"fallback":{"totalRequests":%d,"totalAmount":%s}}' % (
-            totals.count[DEFAULT], format_cents(totals.cents[DEFAULT]),
-            totals.count[FALLBACK], format_cents(totals.cents[FALLBACK]))
+        body = ('{"default":{"totalRequests":%d,"totalAmount":%s},"fallback":{"totalRequests":%d,"totalAmount":%s}}' % (
+            totals.count[DEFAULT], cents_text(totals.cents[DEFAULT]),
+            totals.count[FALLBACK], cents_text(totals.cents[FALLBACK]))).encode()
         return 200, JSON, body
 
     # ----- POST /purge-payments ------------------------------------------------------

@@ -27,6 +27,7 @@ from time import perf_counter_ns
 
 import httptools
 import orjson
+import uvloop
 
 from audit import AuditLog
 from config import Settings
@@ -590,11 +591,7 @@ async def serve(settings):
 def main():
     settings = Settings.from_env()
     setup_logging(settings.log_level)
-    try:
-        import uvloop
-        uvloop.run(serve(settings))
-    except ImportError:
-        asyncio.run(serve(settings))
+    uvloop.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -61,11 +61,16 @@ def record_cents(record):
     return record[3]
 
 
+def cents_text(cents):
+    """An amount in cents as the API writes it: 1990 -> "19.90"."""
+    return "%d.%02d" % divmod(cents, 100)
+
+
 def describe_record(record):
     """A record as JSON-ready fields (GET /admin/records)."""
     epoch, seq, requested_at_ms, cents, processor, correlation_id, paid_at_ms = record
     return {"correlationId": correlation_id, "processor": PROCESSOR_NAMES[processor],
-            "requestedAt": format_ms(requested_at_ms), "amount": "%d.%02d" % divmod(cents, 100),
+            "requestedAt": format_ms(requested_at_ms), "amount": cents_text(cents),
             "paidAt": format_ms(paid_at_ms), "origin": epoch, "seq": seq}
 
 

@@ -1,7 +1,8 @@
 """What an instance knows about itself, and the endpoints that show it.
 
-  GET /metrics        Prometheus text exposition (format 0.0.4), both instances' figures
-                      labelled instance="1"/"2" (the answering instance asks its peer)
+  GET /metrics        Prometheus text exposition (format 0.0.4, rendered by prometheus_client),
+                      both instances' figures labelled instance="1"/"2" (the answering
+                      instance asks its peer)
   GET /metrics.json   the same figures as JSON, plus a per-second history (the dashboard reads it)
   GET /stats          alias of /metrics.json
   GET /processors     per processor: health reports (short history), circuit state,
@@ -38,6 +39,8 @@ from time import perf_counter_ns
 from urllib.parse import urlencode
 
 import orjson
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from payments import PENDING
 from processors import AMBIGUOUS, FAILED, SERVER_ERROR, ProcessorClient
@@ -550,45 +553,47 @@ def _dumps_decimal(value):
 
 
 # ----- Prometheus text exposition ---------------------------------------------------------
-def _esc(value):
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _num(value):
+def _sample_value(value):
+    """None (not known yet) is NaN; True/False are 1/0."""
     if value is None:
-        return "NaN"
+        return math.nan
     if value is True or value is False:
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    value = float(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
+        return int(value)
+    return value
 
 
-class _Exposition:
+class _Families:
+    """One scrape's metric families, filled in by name from the snapshots (a prometheus_client
+    collector: the library renders the text format; nothing is counted through it)."""
+
     def __init__(self):
-        self.lines = []
-        self._declared = set()
+        self._by_name = {}
 
-    def add(self, name, kind, help_text, labels, value, suffix=""):
-        if name not in self._declared:
-            self._declared.add(name)
-            self.lines.append("# HELP %s %s" % (name, help_text))
-            self.lines.append("# TYPE %s %s" % (name, kind))
-        label_text = ",".join('%s="%s"' % (k, _esc(v)) for k, v in labels)
-        self.lines.append("%s%s{%s} %s" % (name, suffix, label_text, _num(value)))
+    def add(self, name, kind, help_text, labels, value):
+        family = self._by_name.get(name)
+        if family is None:
+            family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family = self._by_name[name] = family_type(name, help_text, labels=[k for k, _ in labels])
+        family.add_metric([str(v) for _, v in labels], _sample_value(value))
 
-    def text(self):
-        return ("\n".join(self.lines) + "\n").encode()
+    def add_histogram(self, name, help_text, instance, buckets, sum_s):
+        family = self._by_name.get(name)
+        if family is None:
+            family = self._by_name[name] = HistogramMetricFamily(name, help_text, labels=["instance"])
+        family.add_metric([str(instance)], buckets, sum_value=sum_s)
+
+    def collect(self):
+        return list(self._by_name.values())
+
+    def render(self):
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return generate_latest(registry)
 
 
 def render_prometheus(snaps, settings):
     """Both instances' snapshots -> the text exposition format (0.0.4)."""
-    out = _Exposition()
+    out = _Families()
     # Group each metric's samples together, as the format requires: one pass per metric.
     present = [s for s in snaps if s is not None]
     answering = settings.instance_id
@@ -614,16 +619,12 @@ def render_prometheus(snaps, settings):
          lambda s: [([], s["connections"])])
     each("rinha_http_requests_total", "counter", "Requests answered, by route and status",
          lambda s: [([("route", r), ("status", st)], n) for r, st, n in s["requests"]])
-    # Histogram: buckets, then sum and count, per instance.
     for s in present:
         acc = s["accept"]
-        for bound, cumulative in acc["buckets"]:
-            le = "+Inf" if bound is None else repr(float(bound))
-            out.add("rinha_accept_latency_seconds", "histogram",
-                    "POST /payments inside the instance: first byte parsed to answer written",
-                    [("instance", s["instance"]), ("le", le)], cumulative, "_bucket")
-        out.lines.append('rinha_accept_latency_seconds_sum{instance="%s"} %s' % (s["instance"], _num(acc["sum_s"])))
-        out.lines.append('rinha_accept_latency_seconds_count{instance="%s"} %d' % (s["instance"], acc["count"]))
+        out.add_histogram("rinha_accept_latency_seconds",
+                          "POST /payments inside the instance: first byte parsed to answer written", s["instance"],
+                          [("+Inf" if bound is None else repr(float(bound)), cumulative)
+                           for bound, cumulative in acc["buckets"]], acc["sum_s"])
     each("rinha_accept_latency_window_seconds", "gauge",
          "POST /payments latency over the last %d s (sliding window of the last %d requests at most)"
          % (WINDOW_S, RING_SIZE),
@@ -696,4 +697,4 @@ def render_prometheus(snaps, settings):
          lambda s: [([], s["peer"]["connects"])])
     each("rinha_peer_replica_payments", "gauge", "The peer's pending payments held here (inherited if it dies)",
          lambda s: [([], s["peer"].get("replica", 0))])
-    return out.text()
+    return out.render()

@@ -6,6 +6,8 @@ accept path : N pipelined POST /payments over the instance's Unix socket,
               request (from /proc) and requests/s on one core.
 worker path : the same N payments with a healthy simulator: the extra CPU per
               payment is what paying one costs (aiohttp client, store, peer).
+scrape      : then GET /metrics SCRAPES times on that instance (N records held):
+              CPU per scrape (rendering ~250 samples with prometheus_client).
 """
 import json
 import os
@@ -22,6 +24,7 @@ from stack import Simulator, free_port, wait_until, request  # noqa: E402
 
 N = int(os.environ.get("MICRO_N", "20000"))
 DEPTH = 64
+SCRAPES = 200
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -65,7 +68,15 @@ def blast(sock_path, count):
     return elapsed
 
 
+def scrape_cpu_us(proc, sock):
+    before = cpu_seconds(proc.pid)
+    for _ in range(SCRAPES):
+        assert request(sock, "GET", "/metrics")[0] == 200
+    return (cpu_seconds(proc.pid) - before) / SCRAPES * 1e6
+
+
 def measure(tmp, default_url, fallback_url, settle):
+    """(CPU us per payment, payments/s, CPU us per /metrics scrape afterwards)."""
     proc, sock = start_instance(tmp, default_url, fallback_url)
     try:
         blast(sock, 2000)                               # warm-up
@@ -73,7 +84,8 @@ def measure(tmp, default_url, fallback_url, settle):
         before = cpu_seconds(proc.pid)
         wall = blast(sock, N)
         settle(proc, sock)
-        return (cpu_seconds(proc.pid) - before) / N * 1e6, N / wall
+        per_payment = (cpu_seconds(proc.pid) - before) / N * 1e6
+        return per_payment, N / wall, scrape_cpu_us(proc, sock)
     finally:
         proc.terminate()
         proc.wait(15)
@@ -82,13 +94,13 @@ def measure(tmp, default_url, fallback_url, settle):
 def main():
     tmp = tempfile.mkdtemp(prefix="rinha-micro-", dir="/tmp")
     nowhere = "http://127.0.0.1:%d" % free_port()      # nothing listens: connect refused
-    accept_us, accept_rps = measure(tmp, nowhere, nowhere, lambda p, s: time.sleep(0.5))
+    accept_us, accept_rps, _ = measure(tmp, nowhere, nowhere, lambda p, s: time.sleep(0.5))
     sim = Simulator("micro", 0.05, tmp, max_active=0)
 
     def drained(proc, sock):
         wait_until(lambda: json.loads(request(sock, "GET", "/health")[2])["pending"] == 0, timeout=120)
     try:
-        total_us, _ = measure(tmp, sim.url, sim.url, drained)
+        total_us, _, scrape_us = measure(tmp, sim.url, sim.url, drained)
     finally:
         sim.stop()
     print(json.dumps({
@@ -97,6 +109,7 @@ def main():
         "accept_requests_per_s_one_core": round(accept_rps),
         "accept_plus_pay_cpu_us_per_payment": round(total_us, 1),
         "pay_cpu_us_per_payment": round(total_us - accept_us, 1),
+        "metrics_scrape_cpu_us": round(scrape_us),
     }, indent=1))
 
 

@@ -387,7 +387,8 @@ class Observer:
             "processors": processors,
             "store": {"records": len(store), "capacity": store.capacity, "overwritten": store.overwritten},
             "peer": {"link_up": peer.link_up, "replica": peer.replica_size(), "records_sent": peer.records_sent,
-                     "records_received": peer.records_received, "connects": peer.connects},
+                     "records_received": peer.records_received, "connects": peer.connects,
+                     "held_for_word": peer.held_for_word(), "gates_expired": peer.gates_expired},
             # from_start: the first row is the first sample since the process started (counters were 0 before).
             "series": {"fields": SERIES_FIELDS, "rows": list(self.series),
                        "from_start": len(self.series) < SERIES_POINTS},
@@ -693,6 +694,11 @@ def render_prometheus(snaps, settings):
          lambda s: [([], s["peer"]["records_sent"])])
     each("rinha_peer_records_received_total", "counter", "New records received from the peer",
          lambda s: [([], s["peer"]["records_received"])])
+    each("rinha_peer_held_payments", "gauge", "New payments held until the peer's word on them is in",
+         lambda s: [([], s["peer"].get("held_for_word", 0))])
+    each("rinha_peer_gates_expired_total", "counter",
+         "New payments released by the deadline, without the peer's word on them",
+         lambda s: [([], s["peer"].get("gates_expired", 0))])
     each("rinha_peer_connects_total", "counter", "Times the peer link came up",
          lambda s: [([], s["peer"]["connects"])])
     each("rinha_peer_replica_payments", "gauge", "The peer's pending payments held here (inherited if it dies)",

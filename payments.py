@@ -126,6 +126,10 @@ def wire_cents(wire):
     return wire[1]
 
 
+def entry_accepted_at(entry):
+    return entry[0][7]
+
+
 def left_behind(entry, now):
     """A pending payment of a peer that died -> the Payment to adopt.
 

@@ -80,13 +80,15 @@ from store import record_correlation_id
 from timestamps import now_ms
 
 log = logging.getLogger("peer")
-PROTOCOL = 3              # records carry their correlationId; "I" numbers the connection
+PROTOCOL = 4              # "R" carries acknowledgements of what was read (the payments' gates)
 RESYNC_CHUNK = 2000       # records per write while resynchronising (keeps each loop step short)
 SNAPSHOT_CHUNK = 2000     # replica entries per line of the snapshot, and payments per hand-over line
 LINE_LIMIT = 16 * 1024 * 1024
 RECONNECT_S = 0.25
 LOOKUP_TIMEOUT_S = 0.5
 HAND_OVER_TIMEOUT_S = 2.0
+ACK_DELAY_S = 0.003       # we say what we have read of the peer's acceptances within this (sooner with our own lines)
+GATE_POLL_S = 0.01        # how often held payments look again (adoption under way, deadlines)
 _LINE = orjson.OPT_APPEND_NEWLINE     # one message per line, without copying it to add the newline
 
 # How a wait for the peer to read ends (replicated()).
@@ -101,8 +103,9 @@ class _Outgoing:
     learns whether its bytes had left (DRAINED) or not (STALLED)."""
     POLL_S = 0.002
 
-    def __init__(self, writer, stall_s, on_stall):
+    def __init__(self, writer, stall_s, on_stall, number=0):
         self.writer = writer
+        self.number = number             # which of our connections to the peer this is (our "I")
         self._transport = writer.transport
         self._loop = asyncio.get_running_loop()
         self._stall_s = stall_s
@@ -223,13 +226,31 @@ class _Replica:
 
 class _IncomingLink:
     """One connection from the peer: where to answer, and which epoch of the peer sends on it."""
-    __slots__ = ("writer", "epoch", "number", "staging")
+    __slots__ = ("writer", "epoch", "number", "staging", "handled", "acked", "closed")
 
     def __init__(self, writer):
         self.writer = writer
         self.epoch = None                # said first on the connection ("I"), with
         self.number = 0                  # which of that epoch's connections this is
         self.staging = None              # the replica snapshot being received ("W"... "E")
+        self.handled = 0                 # bytes of its lines applied here (what we acknowledge)
+        self.acked = {}                  # our connection number -> bytes of it the peer says it applied
+        self.closed = False
+
+
+class _Gate:
+    """A payment just accepted here, held until the peer has said all it had to say of it: each
+    of the peer's connections open at the acceptance has either closed (its every line applied)
+    or acknowledged the bytes that carried the acceptance (whatever the peer wrote before
+    reading it has been applied here first: if the peer held that payment too, we know now)."""
+    __slots__ = ("on_heard", "out", "offset", "links", "since")
+
+    def __init__(self, on_heard, out, links, since):
+        self.on_heard = on_heard
+        self.out = out                   # our _Outgoing that carried the acceptance (None: no link)
+        self.offset = out.sent if out is not None else 0
+        self.links = links
+        self.since = since
 
 
 class PeerLink:
@@ -265,6 +286,11 @@ class PeerLink:
         self._gone = set()               # every peer epoch ever known to be gone (never alive again)
         self._outbox = []                # records paid while a resync is in progress
         self._flush_scheduled = False
+        self._ack_wanted = False         # the peer's acceptances were applied here since our last ack
+        self._ack_timer = None
+        self._gates = []                 # _Gate of payments held until the peer's word is in
+        self._gate_timer = None
+        self.gates_expired = 0           # payments released by the deadline, not by the peer's word
         self._dial_now = None            # asyncio.Event: the peer connected to us, dial it back now
         self._lookups = {}
         self._lookup_ids = itertools.count(1)
@@ -306,6 +332,9 @@ class PeerLink:
         self._tasks.append(loop.create_task(self._dial_forever()))
 
     async def close(self):
+        for timer in (self._ack_timer, self._gate_timer):
+            if timer is not None:
+                timer.cancel()
         for task in self._tasks + list(self._incoming):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._incoming, return_exceptions=True)
@@ -351,13 +380,90 @@ class PeerLink:
             self._finished.append(payment.correlation_id)
             self._schedule_flush()
 
-    def pending_cents(self, correlation_id):
-        """The amount of a payment the peer holds pending (per its replica here), or None."""
+    def pending_entry(self, correlation_id):
+        """The replica entry of a payment the peer holds pending (per its replica here), or None."""
         for replica in self._replicas.values():
             entry = replica.entries.get(correlation_id)
             if entry is not None:
-                return entry_cents(entry)
+                return entry
         return None
+
+    def pending_cents(self, correlation_id):
+        entry = self.pending_entry(correlation_id)
+        return None if entry is None else entry_cents(entry)
+
+    def when_heard(self, on_heard):
+        """A payment was just accepted here (its acceptance written to the peer): call on_heard()
+        once the peer's word on it is in (see _Gate), or once PEER_STALL_S has passed with no
+        dead epoch among the connections waited for, or PEER_SYNC_TIMEOUT_S in any case. False
+        (and no call) when no connection from the peer is open: there is nothing to wait for.
+        A repeat reaching this instance before the peer's last lines on that payment were read
+        is then a second copy only until those lines are applied, never paid twice."""
+        if not self._links:
+            return False
+        loop = asyncio.get_running_loop()
+        self._gates.append(_Gate(on_heard, self._out if self.link_up else None, set(self._links), loop.time()))
+        if self._gate_timer is None:
+            self._gate_timer = loop.call_later(GATE_POLL_S, self._poll_gates)
+        return True
+
+    def held_for_word(self):
+        return len(self._gates)
+
+    def _heard(self, gate, now):
+        age = now - gate.since
+        if age >= self._sync_timeout_s:
+            self.gates_expired += 1
+            return True
+        if self._adopting is not None and self._adopting():
+            return False                 # an inherited copy of it may still be on its way into the book
+        waiting = [link for link in gate.links if not link.closed and not (
+            gate.out is not None and link.staging is None and link.acked.get(gate.out.number, -1) >= gate.offset)]
+        if not waiting:
+            return True
+        # A live peer that does not answer (stopped, say): carry on after PEER_STALL_S, as after a
+        # stall. Not while a dead process's last lines may still come: an epoch known gone, or a
+        # peer whose socket has nobody behind it.
+        if age >= self._stall_s and not self.peer_absent and not any(link.epoch in self._gone for link in waiting):
+            self.gates_expired += 1
+            return True
+        return False
+
+    def _open_gates(self):
+        if not self._gates:
+            return
+        now = asyncio.get_running_loop().time()
+        still, heard = [], []
+        for gate in self._gates:
+            (heard if self._heard(gate, now) else still).append(gate)
+        self._gates = still
+        for gate in heard:
+            gate.on_heard()
+
+    def _poll_gates(self):
+        self._gate_timer = None
+        self._open_gates()
+        if self._gates:
+            self._gate_timer = asyncio.get_running_loop().call_later(GATE_POLL_S, self._poll_gates)
+
+    def _want_ack(self):
+        self._ack_wanted = True
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._ack_due)
+
+    def _ack_due(self):
+        self._ack_timer = None
+        self._flush()
+
+    def _take_acks(self):
+        """What we have applied of each of the peer's connections, if it is due and can be said:
+        only once our own resync is through (a record still in the outbox must reach the peer
+        before an ack that says we have read its acceptances)."""
+        if not (self._ack_wanted and self.link_up):
+            return []
+        self._ack_wanted = False
+        return [[link.epoch, link.number, link.handled] for link in self._links
+                if link.epoch is not None and link.number >= 0]
 
     def backlogged(self):
         """True while something written to the peer is still in this process, not in the kernel:
@@ -399,11 +505,12 @@ class PeerLink:
     def _flush(self):
         self._flush_scheduled = False
         batch, finished, watched = self._batch, self._finished, self._watched
-        if not (batch or finished or watched):
+        acks = self._take_acks()
+        if not (batch or finished or watched or acks):
             return
         self._batch, self._finished, self._watched = [], [], []
         if self._writer is not None:
-            self._send(["R", batch, finished, watched])
+            self._send(["R", batch, finished, watched, acks])   # acks last: applied after the rest
             self.records_sent += len(batch)
 
     def send_health(self, processor, report):
@@ -536,8 +643,8 @@ class PeerLink:
         if hello["purgedAt"] > self.purged_at:
             self._apply_purge(hello["purgedAt"])
         self._writer = writer
-        self._out = _Outgoing(writer, self._stall_s, self._stalled)
         self._dials += 1
+        self._out = _Outgoing(writer, self._stall_s, self._stalled, self._dials)
         self._send(["I", self._store.local_epoch, self._dials])   # who sends on this connection, first
         if hello["purgedAt"] < self.purged_at:
             self._send(["P", self.purged_at])
@@ -570,6 +677,11 @@ class PeerLink:
             self._send(["W", [replica_entry(payment) for payment in pending[start:start + SNAPSHOT_CHUNK]
                               if payment.state == PENDING]])
             await writer.drain()
+        # Payments held since an earlier connection: this snapshot carried them, so the peer's
+        # acknowledgement of it is its word on them.
+        for gate in self._gates:
+            if gate.out is not self._out:
+                gate.out, gate.offset = self._out, self._out.sent
         self.connects += 1
         log.info("peer link up (peer epoch %s, %d records sent)", hello["epoch"], self.records_sent)
         end = asyncio.ensure_future(self._end_snapshot())
@@ -613,6 +725,7 @@ class PeerLink:
                 if not line or not line.endswith(b"\n"):
                     break                # closed, possibly mid-line by a peer that died: drop the part
                 self._handle(orjson.loads(line), link)
+                link.handled += len(line)
         except (OSError, ValueError, IndexError, TypeError, KeyError, asyncio.LimitOverrunError,
                 asyncio.IncompleteReadError) as exc:
             log.info("peer connection closed: %s", type(exc).__name__)
@@ -624,7 +737,9 @@ class PeerLink:
             writer.close()
             if link.staging is not None and link.number >= 0:
                 self._lay_over(link, link.staging)   # a snapshot cut short: its word, as far as it got
+            link.closed = True
             self._inherit_dead()
+            self._open_gates()
 
     def _lay_over(self, link, staging):
         replica = self._replicas.setdefault(link.epoch, _Replica())
@@ -671,7 +786,16 @@ class PeerLink:
             for record in records:                  # paid, wherever it was pending
                 for epoch, replica in self._replicas.items():
                     replica.paid(record_correlation_id(record), link.number if epoch == link.epoch else 0)
+            if message[3]:
+                self._want_ack()                    # it accepted (or changed) payments: say we read them
+            if len(message) > 4 and message[4]:     # what it has read of ours (absent when nothing)
+                local = self._store.local_epoch
+                for epoch, number, handled in message[4]:
+                    if epoch == local and handled > link.acked.get(number, -1):
+                        link.acked[number] = handled
+                self._open_gates()
         elif kind == "W":
+            self._want_ack()                        # a snapshot may carry payments held for our word
             if link.staging is None:
                 link.staging = {}
             for entry in message[1]:
@@ -685,6 +809,7 @@ class PeerLink:
             self._drop_held(replica)
             if link.epoch not in self._gone:
                 self.synced = True
+            self._open_gates()               # acknowledgements it sent while its snapshot was open count now
         elif kind == "S":
             self._on_health(message[1], message[2])
         elif kind == "P":

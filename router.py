@@ -156,13 +156,14 @@ class Router:
         if book.accept(correlation_id, cents, monotonic()) is not payments.ACCEPTED:
             return QUEUE_FULL
         peer = instance.peer
+        payment = book.get(correlation_id)
+        book.hold(payment)
         if not peer.backlogged():
+            self._hold_for_the_peer(payment)
             return ACCEPTED
         # Its acceptance is not all in the kernel yet: the payment is held (not attempted) and
         # its answer decided when those bytes have left, or the link has gone. The decision does
         # not depend on this request: a client that leaves, or a repeat, changes nothing.
-        payment = book.get(correlation_id)
-        book.hold(payment)
         answer = asyncio.get_running_loop().create_future()
         self._confirming[correlation_id] = answer
         peer.replication(peer.mark()).add_done_callback(partial(self._decide, payment, answer))
@@ -176,8 +177,36 @@ class Router:
         if replication.result() == STALLED and book.withdraw(payment):
             answer.set_result(PEER_BEHIND)
         else:
-            book.confirm(payment)
             answer.set_result(ACCEPTED)
+            self._hold_for_the_peer(payment)
+
+    def _hold_for_the_peer(self, payment):
+        """A new payment (held) is attempted only once the peer's word on it is in (PeerLink.when_heard):
+        a repeat that reached us before we had read what the peer wrote of that payment must not
+        be paid a second time at another processor."""
+        if not self.instance.peer.when_heard(partial(self._heard_from_peer, payment)):
+            self._heard_from_peer(payment)
+
+    def _heard_from_peer(self, payment):
+        """The peer has said all it had to say of this payment. If it paid it, or holds a copy
+        accepted before this one, this copy is withdrawn (as if the repeat had been answered from
+        the replica: the peer's copy is the payment); else it may be paid now. Two copies accepted
+        at once, each before its instance read the other's, each see the other here: the first
+        accepted is kept on both sides (CLOCK_MONOTONIC is one clock for the host; instance 1 on
+        a tie), so exactly one goes on."""
+        if payment.state != payments.PENDING or not payment.unconfirmed:
+            return                           # settled by the peer's record meanwhile, or withdrawn
+        instance = self.instance
+        correlation_id = payment.correlation_id
+        theirs = instance.peer.pending_entry(correlation_id)
+        theirs_first = theirs is not None and (
+            payments.entry_accepted_at(theirs) < payment.accepted_at
+            or (payments.entry_accepted_at(theirs) == payment.accepted_at and instance.settings.instance_id != 1))
+        if (theirs_first or instance.store.held(correlation_id) is not None) and instance.book.withdraw(payment):
+            instance.peer.forget(payment)
+            instance.audit.record("withdrawn", correlation_id, reason="the peer holds it")
+        else:
+            instance.book.confirm(payment)
 
     async def decide_waiting(self, timeout):
         """Wait (at most `timeout` s) until every 202 still waiting is decided (the stall limit

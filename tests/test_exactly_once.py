@@ -761,3 +761,37 @@ def test_a_client_leaving_while_its_202_waits_does_not_answer_its_repeat_early(m
     assert accepted <= stored
     if repeat == 202:
         assert x["correlationId"] in stored, "the repeat was answered 202 for a payment nobody holds"
+
+
+# ----- the fourth session's hunt: a repeat read before the dead peer's last lines --------------
+
+def test_a_repeat_read_before_the_dead_peers_last_lines_is_not_paid_at_another_processor(make_stack):
+    """api2 pays X at the fallback (the default failing, `eager`) while its lines to api1 lag on a
+    slow link, and is killed -9. X is posted again to api1, the default healthy by now: api1 does
+    not know X yet (the dead process's last lines are still on their way) and accepts the repeat,
+    but pays it only once those lines are in. They say X is paid: the processors hold X once
+    (hunt seed 474739661 found it: a repeat paid at the default 0.35 s after the fallback had it)."""
+    stack = make_stack(with_haproxy=False, peer_proxy=True, FALLBACK_POLICY="eager", HEALTH_ENABLED="false",
+                       RETRY_MAX_S="0.3", BREAKER_PROBE_S="5", BREAKER_PROBE_MAX_S="5")
+    one, two = stack.instances
+    to_one = stack.proxies[1]                       # api2 dials api1 through it
+    stack.default.configure(failure=True)
+    post_payments(two, 4, amount=1.00)              # api2's default breaker opens; they go to the fallback
+    wait_until(lambda: instance_health(two)["pending"] == 0, timeout=20, what="api2 to pay them")
+    to_one.read_size, to_one.delay_s = 64, 0.25     # api2's next lines reach api1 ~1 s late
+    x = payment(3.00)
+    assert two.post("/payments", x)[0] == 202
+    wait_until(lambda: (lookup(two, x["correlationId"]) or {}).get("status") == "paid", timeout=10,
+               what="api2 to pay X")
+    two.kill()
+    stack.default.configure(failure=False)
+    assert one.post("/payments", x)[0] == 202      # unknown to api1 still: a copy, held
+    time.sleep(1.5)                                 # the copy would have been paid by now
+    to_one.delay_s, to_one.read_size = 0.0, 65536
+    wait_until(lambda: summary_count(one.summary()) == 5, timeout=10, what="api2's last record at api1")
+    drain(stack, timeout=30)
+    stored, paid_twice = books(stack)
+    assert paid_twice == 0
+    assert stored[x["correlationId"]] == "fallback"
+    assert summary_count(one.summary()) == processors_total(stack) == 5
+    assert own_figures(one)["peer"]["gates_expired"] == 0   # held until the dead connection's end, not by a deadline

@@ -89,6 +89,7 @@ LOOKUP_TIMEOUT_S = 0.5
 HAND_OVER_TIMEOUT_S = 2.0
 ACK_DELAY_S = 0.003       # we say what we have read of the peer's acceptances within this (sooner with our own lines)
 GATE_POLL_S = 0.01        # how often held payments look again (adoption under way, deadlines)
+GATE_GRACE_S = 0.05       # a payment whose acceptance could not be sent waits this for a live peer's lines
 _LINE = orjson.OPT_APPEND_NEWLINE     # one message per line, without copying it to add the newline
 
 # How a wait for the peer to read ends (replicated()).
@@ -284,6 +285,8 @@ class PeerLink:
         self._links = set()              # the peer's connections to us still open (_IncomingLink)
         self._dead_epochs = set()        # peer epochs known to be gone, to inherit once closed
         self._gone = set()               # every peer epoch ever known to be gone (never alive again)
+        self._ended = set()              # peer epochs whose connection from us ended from their side
+        self._out_epoch = None           # the peer epoch our current (or last) connection reached
         self._outbox = []                # records paid while a resync is in progress
         self._flush_scheduled = False
         self._ack_wanted = False         # the peer's acceptances were applied here since our last ack
@@ -421,10 +424,13 @@ class PeerLink:
             gate.out is not None and link.staging is None and link.acked.get(gate.out.number, -1) >= gate.offset)]
         if not waiting:
             return True
-        # A live peer that does not answer (stopped, say): carry on after PEER_STALL_S, as after a
-        # stall. Not while a dead process's last lines may still come: an epoch known gone, or a
-        # peer whose socket has nobody behind it.
-        if age >= self._stall_s and not self.peer_absent and not any(link.epoch in self._gone for link in waiting):
+        # A live peer that does not answer (stopped, or its link dropped here for a stall): carry
+        # on after PEER_STALL_S; after GATE_GRACE_S if the acceptance never went to it (no link:
+        # it cannot answer, and this instance alone holds the payment, so it should not wait).
+        # Not while a dead process's last lines may still come: an epoch known gone, or one whose
+        # connection from us ended from its side.
+        limit = self._stall_s if gate.out is not None else GATE_GRACE_S
+        if age >= limit and not any(link.epoch in self._gone or link.epoch in self._ended for link in waiting):
             self.gates_expired += 1
             return True
         return False
@@ -601,6 +607,8 @@ class PeerLink:
             finally:
                 self.link_up = False
                 if self._out is not None:
+                    if self._out.closed != STALLED and self._out_epoch is not None:
+                        self._ended.add(self._out_epoch)   # it ended from its side: it may be dead
                     self._out.close()
                 self._writer = self._out = None
                 self._syncing = False
@@ -640,6 +648,8 @@ class PeerLink:
         # until the kernel holds all of it.
         writer.transport.set_write_buffer_limits(high=0)
         self._peer_epoch_is(hello["epoch"])
+        self._out_epoch = hello["epoch"]
+        self._ended.discard(self._out_epoch)             # it answers: alive
         if hello["purgedAt"] > self.purged_at:
             self._apply_purge(hello["purgedAt"])
         self._writer = writer

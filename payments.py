@@ -154,6 +154,7 @@ class PaymentBook:
         self.ready = deque()          # PENDING payments free to go to any processor
         self.pinned = (deque(), deque())  # PENDING payments that must stay on one processor
         self._waiting = []            # heap of (due, n, payment) backing off before a retry
+        self._held = set()            # PENDING payments accepted, not to be attempted yet (hold)
         self._arriving = {}           # correlationId -> cents of payments being adopted, not yet in
         self.in_flight = set()        # payments with an attempt under way (the dispatcher keeps it)
         self._tiebreak = itertools.count()
@@ -234,14 +235,24 @@ class PaymentBook:
         return len(self.ready) + len(self.pinned[0]) + len(self.pinned[1])
 
     def hold(self, payment):
-        """Keep a just-accepted payment from being attempted until confirm() or withdraw()."""
+        """Keep a just-accepted payment from being attempted until confirm() or withdraw(): it
+        leaves the queue meanwhile, so what is behind it goes on."""
         payment.unconfirmed = True
+        if self.ready and self.ready[-1] is payment:
+            self.ready.pop()
+            self._held.add(payment)
 
     def confirm(self, payment):
-        """Its acceptance reached the peer (or there is no peer any more): it may be paid now."""
+        """Its acceptance reached the peer, and the peer's word on it is in (or there is no peer
+        any more): it may be paid now. Also for a held payment settled meanwhile (it is let go)."""
         payment.unconfirmed = False
-        if payment.state == PENDING and self.on_ready is not None:
-            self.on_ready()
+        if payment not in self._held:
+            return
+        self._held.discard(payment)
+        if payment.state == PENDING:
+            (self.ready if payment.pinned is None else self.pinned[payment.pinned]).append(payment)
+            if self.on_ready is not None:
+                self.on_ready()
 
     def withdraw(self, payment):
         """Undo the acceptance of a payment never attempted (its 202 could not be kept: the
@@ -254,11 +265,14 @@ class PaymentBook:
         payment.unconfirmed = False
         if self._index.get(payment.correlation_id) is payment:
             del self._index[payment.correlation_id]
-        queue = self.ready if payment.pinned is None else self.pinned[payment.pinned]
-        if queue and queue[-1] is payment:       # withdrawn newest first: usually the tail
-            queue.pop()
-        elif self.on_ready is not None:
-            self.on_ready()                      # it stays queued as WITHDRAWN: the dispatcher skips it
+        if payment in self._held:
+            self._held.discard(payment)
+        else:
+            queue = self.ready if payment.pinned is None else self.pinned[payment.pinned]
+            if queue and queue[-1] is payment:   # withdrawn newest first: usually the tail
+                queue.pop()
+            elif self.on_ready is not None:
+                self.on_ready()                  # it stays queued as WITHDRAWN: the dispatcher skips it
         self.pending -= 1
         return True
 
@@ -310,8 +324,9 @@ class PaymentBook:
         return replayed
 
     def _not_in_flight(self):
-        """PENDING payments in the queues and the backoff heap."""
+        """PENDING payments in the queues, held, and in the backoff heap."""
         found = [p for queue in (self.ready, self.pinned[0], self.pinned[1]) for p in queue if p.state == PENDING]
+        found += [p for p in self._held if p.state == PENDING]
         found += [entry[2] for entry in self._waiting if entry[2].state == PENDING]
         return found
 
@@ -321,6 +336,7 @@ class PaymentBook:
         self.ready.clear()
         self.pinned[0].clear()
         self.pinned[1].clear()
+        self._held.clear()
         self._waiting.clear()
         for payment in taken:
             payment.state = HANDED_OVER

@@ -89,7 +89,6 @@ LOOKUP_TIMEOUT_S = 0.5
 HAND_OVER_TIMEOUT_S = 2.0
 ACK_DELAY_S = 0.003       # we say what we have read of the peer's acceptances within this (sooner with our own lines)
 GATE_POLL_S = 0.01        # how often held payments look again (adoption under way, deadlines)
-GATE_GRACE_S = 0.05       # a payment whose acceptance could not be sent waits this for a live peer's lines
 _LINE = orjson.OPT_APPEND_NEWLINE     # one message per line, without copying it to add the newline
 
 # How a wait for the peer to read ends (replicated()).
@@ -227,7 +226,7 @@ class _Replica:
 
 class _IncomingLink:
     """One connection from the peer: where to answer, and which epoch of the peer sends on it."""
-    __slots__ = ("writer", "epoch", "number", "staging", "handled", "acked", "closed")
+    __slots__ = ("writer", "epoch", "number", "staging", "handled", "acked", "closed", "heard_at")
 
     def __init__(self, writer):
         self.writer = writer
@@ -236,7 +235,8 @@ class _IncomingLink:
         self.staging = None              # the replica snapshot being received ("W"... "E")
         self.handled = 0                 # bytes of its lines applied here (what we acknowledge)
         self.acked = {}                  # our connection number -> bytes of it the peer says it applied
-        self.closed = False
+        self.closed = False              # ended at its end of file: every line it carried is applied
+        self.heard_at = 0.0              # when its last line was applied (loop time)
 
 
 class _Gate:
@@ -246,10 +246,10 @@ class _Gate:
     reading it has been applied here first: if the peer held that payment too, we know now)."""
     __slots__ = ("on_heard", "out", "offset", "links", "since")
 
-    def __init__(self, on_heard, out, links, since):
+    def __init__(self, on_heard, mark, links, since):
         self.on_heard = on_heard
-        self.out = out                   # our _Outgoing that carried the acceptance (None: no link)
-        self.offset = out.sent if out is not None else 0
+        # Our _Outgoing that carried the acceptance, and the bytes up to its end (None: no link).
+        self.out, self.offset = mark if mark is not None else (None, 0)
         self.links = links
         self.since = since
 
@@ -395,17 +395,21 @@ class PeerLink:
         entry = self.pending_entry(correlation_id)
         return None if entry is None else entry_cents(entry)
 
-    def when_heard(self, on_heard):
-        """A payment was just accepted here (its acceptance written to the peer): call on_heard()
-        once the peer's word on it is in (see _Gate), or once PEER_STALL_S has passed with no
-        dead epoch among the connections waited for, or PEER_SYNC_TIMEOUT_S in any case. False
-        (and no call) when no connection from the peer is open: there is nothing to wait for.
-        A repeat reaching this instance before the peer's last lines on that payment were read
-        is then a second copy only until those lines are applied, never paid twice."""
+    def when_heard(self, on_heard, mark=None):
+        """A payment was just accepted here, its acceptance written to the peer up to `mark`
+        (mark(); by default, all written so far): call on_heard() once the peer's word on it is
+        in (see _Gate); or once the connections waited for have been quiet for PEER_STALL_S (a
+        live peer that does not answer), unless one is a dead epoch's, whose last lines may still
+        come; or after PEER_SYNC_TIMEOUT_S in any case. False (and no call) when no connection
+        from the peer is open: there is nothing to wait for. A repeat reaching this instance before
+        the peer's last lines on that payment were read is so a second copy only until those lines
+        are applied, never paid twice."""
         if not self._links:
             return False
         loop = asyncio.get_running_loop()
-        self._gates.append(_Gate(on_heard, self._out if self.link_up else None, set(self._links), loop.time()))
+        if mark is None:
+            mark = self.mark()
+        self._gates.append(_Gate(on_heard, mark, set(self._links), loop.time()))
         if self._gate_timer is None:
             self._gate_timer = loop.call_later(GATE_POLL_S, self._poll_gates)
         return True
@@ -425,12 +429,13 @@ class PeerLink:
         if not waiting:
             return True
         # A live peer that does not answer (stopped, or its link dropped here for a stall): carry
-        # on after PEER_STALL_S; after GATE_GRACE_S if the acceptance never went to it (no link:
-        # it cannot answer, and this instance alone holds the payment, so it should not wait).
-        # Not while a dead process's last lines may still come: an epoch known gone, or one whose
-        # connection from us ended from its side.
-        limit = self._stall_s if gate.out is not None else GATE_GRACE_S
-        if age >= limit and not any(link.epoch in self._gone or link.epoch in self._ended for link in waiting):
+        # on once what we wait for has said nothing for PEER_STALL_S. Not while a dead process's
+        # last lines may still come: an epoch known gone, or one whose connection from us ended
+        # from its side (a dead process's connections end at once, unless a slow link still
+        # delivers them).
+        quiet = now - self._stall_s
+        if age >= self._stall_s and all(link.heard_at <= quiet for link in waiting) \
+                and not any(link.epoch in self._gone or link.epoch in self._ended for link in waiting):
             self.gates_expired += 1
             return True
         return False
@@ -444,7 +449,10 @@ class PeerLink:
             (heard if self._heard(gate, now) else still).append(gate)
         self._gates = still
         for gate in heard:
-            gate.on_heard()
+            try:
+                gate.on_heard()
+            except Exception:            # one payment's decision must not strand the others
+                log.exception("deciding a held payment failed")
 
     def _poll_gates(self):
         self._gate_timer = None
@@ -686,12 +694,16 @@ class PeerLink:
         for start in range(0, max(len(pending), 1), SNAPSHOT_CHUNK):   # one "W" at least: it opens the staging
             self._send(["W", [replica_entry(payment) for payment in pending[start:start + SNAPSHOT_CHUNK]
                               if payment.state == PENDING]])
+            snapshot_end = self._out.sent
             await writer.drain()
         # Payments held since an earlier connection: this snapshot carried them, so the peer's
-        # acknowledgement of it is its word on them.
+        # acknowledgement of it is its word on them. And an acknowledgement we owed while the link
+        # was down goes now (behind our snapshot: the peer counts it once it holds our payments).
         for gate in self._gates:
             if gate.out is not self._out:
-                gate.out, gate.offset = self._out, self._out.sent
+                gate.out, gate.offset = self._out, snapshot_end
+        if self._ack_wanted:
+            self._schedule_flush()
         self.connects += 1
         log.info("peer link up (peer epoch %s, %d records sent)", hello["epoch"], self.records_sent)
         end = asyncio.ensure_future(self._end_snapshot())
@@ -733,9 +745,11 @@ class PeerLink:
             while True:
                 line = await reader.readline()
                 if not line or not line.endswith(b"\n"):
-                    break                # closed, possibly mid-line by a peer that died: drop the part
+                    link.closed = True   # at its end, possibly mid-line by a peer that died: drop the part
+                    break
                 self._handle(orjson.loads(line), link)
                 link.handled += len(line)
+                link.heard_at = asyncio.get_running_loop().time()
         except (OSError, ValueError, IndexError, TypeError, KeyError, asyncio.LimitOverrunError,
                 asyncio.IncompleteReadError) as exc:
             log.info("peer connection closed: %s", type(exc).__name__)
@@ -747,7 +761,7 @@ class PeerLink:
             writer.close()
             if link.staging is not None and link.number >= 0:
                 self._lay_over(link, link.staging)   # a snapshot cut short: its word, as far as it got
-            link.closed = True
+            link.heard_at = asyncio.get_running_loop().time()   # (closed on an error: quiet from now)
             self._inherit_dead()
             self._open_gates()
 

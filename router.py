@@ -166,10 +166,11 @@ class Router:
         # not depend on this request: a client that leaves, or a repeat, changes nothing.
         answer = asyncio.get_running_loop().create_future()
         self._confirming[correlation_id] = answer
-        peer.replication(peer.mark()).add_done_callback(partial(self._decide, payment, answer))
+        mark = peer.mark()
+        peer.replication(mark).add_done_callback(partial(self._decide, payment, answer, mark))
         return self._same_answer(answer)
 
-    def _decide(self, payment, answer, replication):
+    def _decide(self, payment, answer, mark, replication):
         """A 202 once the payment's acceptance has left this process; if the peer stopped reading
         first (the link is dropped with those bytes), the acceptance is undone: 503."""
         del self._confirming[payment.correlation_id]
@@ -178,13 +179,13 @@ class Router:
             answer.set_result(PEER_BEHIND)
         else:
             answer.set_result(ACCEPTED)
-            self._hold_for_the_peer(payment)
+            self._hold_for_the_peer(payment, mark)
 
-    def _hold_for_the_peer(self, payment):
+    def _hold_for_the_peer(self, payment, mark=None):
         """A new payment (held) is attempted only once the peer's word on it is in (PeerLink.when_heard):
         a repeat that reached us before we had read what the peer wrote of that payment must not
         be paid a second time at another processor."""
-        if not self.instance.peer.when_heard(partial(self._heard_from_peer, payment)):
+        if not self.instance.peer.when_heard(partial(self._heard_from_peer, payment), mark):
             self._heard_from_peer(payment)
 
     def _heard_from_peer(self, payment):
@@ -194,9 +195,12 @@ class Router:
         at once, each before its instance read the other's, each see the other here: the first
         accepted is kept on both sides (CLOCK_MONOTONIC is one clock for the host; instance 1 on
         a tie), so exactly one goes on."""
-        if payment.state != payments.PENDING or not payment.unconfirmed:
-            return                           # settled by the peer's record meanwhile, or withdrawn
         instance = self.instance
+        if not payment.unconfirmed:
+            return                           # withdrawn meanwhile
+        if payment.state != payments.PENDING:
+            instance.book.confirm(payment)   # settled by the peer's record meanwhile: only unparked
+            return
         correlation_id = payment.correlation_id
         theirs = instance.peer.pending_entry(correlation_id)
         theirs_first = theirs is not None and (

@@ -788,10 +788,40 @@ def test_a_repeat_read_before_the_dead_peers_last_lines_is_not_paid_at_another_p
     assert one.post("/payments", x)[0] == 202      # unknown to api1 still: a copy, held
     time.sleep(1.5)                                 # the copy would have been paid by now
     to_one.delay_s, to_one.read_size = 0.0, 65536
-    wait_until(lambda: summary_count(one.summary()) == 5, timeout=10, what="api2's last record at api1")
+    try:
+        wait_until(lambda: summary_count(one.summary()) == 5, timeout=10, what="api2's last record at api1")
+    except AssertionError:
+        raise AssertionError("api1 %s, books %s, X at api1 %s, api1's link %s" % (
+            one.summary(), books(stack), lookup(one, x["correlationId"]), own_figures(one)["peer"]))
     drain(stack, timeout=30)
     stored, paid_twice = books(stack)
     assert paid_twice == 0
     assert stored[x["correlationId"]] == "fallback"
     assert summary_count(one.summary()) == processors_total(stack) == 5
     assert own_figures(one)["peer"]["gates_expired"] == 0   # held until the dead connection's end, not by a deadline
+
+
+def test_two_copies_accepted_at_once_are_paid_once_and_never_both_withdrawn(make_stack):
+    """Both links slow: X is posted to api1 and at once to api2, each accepting a copy before it
+    has read the other's acceptance. When each hears the other's word, the copy accepted first
+    is kept on both sides: X is paid once, and never dropped by both (each 202 holds)."""
+    stack = make_stack(with_haproxy=False, peer_proxy=True)
+    one, two = stack.instances
+    for proxy in stack.proxies:
+        proxy.read_size, proxy.delay_s = 128, 0.2
+    ids = []
+    for _ in range(5):
+        x = payment(6.00)
+        assert one.post("/payments", x)[0] == 202
+        assert two.post("/payments", x)[0] == 202
+        ids.append(x["correlationId"])
+    time.sleep(2.0)
+    for proxy in stack.proxies:
+        proxy.read_size, proxy.delay_s = 65536, 0.0
+    drain(stack, timeout=30)
+    stored, paid_twice = books(stack)
+    assert paid_twice == 0
+    assert set(ids) <= set(stored), "a 202 never paid: %s" % sorted(set(ids) - set(stored))
+    wait_until(lambda: summary_count(one.summary()) == summary_count(two.summary()) == 5, timeout=10,
+               what="both instances to hold the five records")
+    assert own_figures(one)["peer"]["gates_expired"] == own_figures(two)["peer"]["gates_expired"] == 0

@@ -89,6 +89,7 @@ LOOKUP_TIMEOUT_S = 0.5
 HAND_OVER_TIMEOUT_S = 2.0
 ACK_DELAY_S = 0.003       # we say what we have read of the peer's acceptances within this (sooner with our own lines)
 GATE_POLL_S = 0.01        # how often held payments look again (adoption under way, deadlines)
+GATE_STALL_S = 0.1        # a poll this late means the process was not running meanwhile
 _LINE = orjson.OPT_APPEND_NEWLINE     # one message per line, without copying it to add the newline
 
 # How a wait for the peer to read ends (replicated()).
@@ -239,6 +240,19 @@ class _IncomingLink:
         self.heard_at = 0.0              # when its last line was applied (loop time)
 
 
+class _Reader(asyncio.StreamReader):
+    """A StreamReader that reads a reset as an end of file. A Unix socket whose peer died with our
+    bytes unread in its buffer reports ECONNRESET after the lines it had queued for us: the
+    connection ended there, every line it carried is kept (a plain StreamReader raises at once,
+    dropping any still buffered) and it counts as closed for the payments waiting on it."""
+
+    def set_exception(self, exc):
+        if isinstance(exc, ConnectionResetError):
+            self.feed_eof()
+        else:
+            super().set_exception(exc)
+
+
 class _Gate:
     """A payment just accepted here, held until the peer has said all it had to say of it: each
     of the peer's connections open at the acceptance has either closed (its every line applied)
@@ -293,6 +307,8 @@ class PeerLink:
         self._ack_timer = None
         self._gates = []                 # _Gate of payments held until the peer's word is in
         self._gate_timer = None
+        self._last_poll = 0.0
+        self._listening_since = 0.0      # since when this process has been reading its sockets (_poll_gates)
         self.gates_expired = 0           # payments released by the deadline, not by the peer's word
         self._dial_now = None            # asyncio.Event: the peer connected to us, dial it back now
         self._lookups = {}
@@ -331,7 +347,8 @@ class PeerLink:
         self._dial_now = asyncio.Event()
         if os.path.exists(self._listen_path):
             os.unlink(self._listen_path)
-        self._server = await asyncio.start_unix_server(self._serve_incoming, path=self._listen_path, limit=LINE_LIMIT)
+        self._server = await loop.create_unix_server(
+            lambda: asyncio.StreamReaderProtocol(_Reader(limit=LINE_LIMIT), self._serve_incoming), path=self._listen_path)
         self._tasks.append(loop.create_task(self._dial_forever()))
 
     async def close(self):
@@ -411,6 +428,7 @@ class PeerLink:
             mark = self.mark()
         self._gates.append(_Gate(on_heard, mark, set(self._links), loop.time()))
         if self._gate_timer is None:
+            self._last_poll = loop.time()
             self._gate_timer = loop.call_later(GATE_POLL_S, self._poll_gates)
         return True
 
@@ -418,7 +436,7 @@ class PeerLink:
         return len(self._gates)
 
     def _heard(self, gate, now):
-        age = now - gate.since
+        age = now - max(gate.since, self._listening_since)
         if age >= self._sync_timeout_s:
             self.gates_expired += 1
             return True
@@ -434,7 +452,7 @@ class PeerLink:
         # from its side (a dead process's connections end at once, unless a slow link still
         # delivers them).
         quiet = now - self._stall_s
-        if age >= self._stall_s and all(link.heard_at <= quiet for link in waiting) \
+        if age >= self._stall_s and all(max(link.heard_at, self._listening_since) <= quiet for link in waiting) \
                 and not any(link.epoch in self._gone or link.epoch in self._ended for link in waiting):
             self.gates_expired += 1
             return True
@@ -456,6 +474,13 @@ class PeerLink:
 
     def _poll_gates(self):
         self._gate_timer = None
+        now = asyncio.get_running_loop().time()
+        if now - self._last_poll > GATE_STALL_S:
+            # This process was not running (stopped, or its loop blocked): the timers run before
+            # the sockets are read, so what the peer wrote meanwhile is not applied yet. Time
+            # without listening does not count towards a deadline.
+            self._listening_since = now
+        self._last_poll = now
         self._open_gates()
         if self._gates:
             self._gate_timer = asyncio.get_running_loop().call_later(GATE_POLL_S, self._poll_gates)
@@ -788,6 +813,10 @@ class PeerLink:
             link.epoch, link.number = epoch, number
             if epoch in self._gone and epoch not in self._dead_epochs:
                 link.number = -1                    # its replica was inherited already: records only
+            else:
+                for gate in self._gates:            # a newer connection of an epoch waited for: its word too
+                    if any(other.epoch == epoch for other in gate.links):
+                        gate.links.add(link)
             self._peer_epoch_is(epoch)
             return
         if link.epoch is None:

@@ -168,7 +168,9 @@ class PaymentBook:
         self.on_new = None
 
     # ----- accepting -----------------------------------------------------------------
-    def accept(self, correlation_id, cents, now):
+    def accept(self, correlation_id, cents, now, held=False):
+        """A new payment; held: not to be attempted until confirm() or withdraw() (it waits out of
+        the queue, so nothing behind it waits, and the dispatcher is not woken for it yet)."""
         known = self._index.get(correlation_id)
         if known is not None:
             return ALREADY_ACCEPTED if known.cents == cents else CONFLICT
@@ -179,12 +181,16 @@ class PaymentBook:
         if len(self._index) > self.index_capacity:
             self._forget_oldest_finished()
         self.pending += 1
-        self.ready.append(payment)
+        if held:
+            payment.unconfirmed = True
+            self._held.add(payment)
+        else:
+            self.ready.append(payment)
         if self.audit.enabled:
             self.audit.record("accepted", correlation_id, amount=payment.amount_text)
         if self.on_accepted is not None:
             self.on_accepted(payment)
-        if self.on_ready is not None:
+        if not held and self.on_ready is not None:
             self.on_ready()
         return ACCEPTED
 
@@ -233,14 +239,6 @@ class PaymentBook:
 
     def queued(self):
         return len(self.ready) + len(self.pinned[0]) + len(self.pinned[1])
-
-    def hold(self, payment):
-        """Keep a just-accepted payment from being attempted until confirm() or withdraw(): it
-        leaves the queue meanwhile, so what is behind it goes on."""
-        payment.unconfirmed = True
-        if self.ready and self.ready[-1] is payment:
-            self.ready.pop()
-            self._held.add(payment)
 
     def confirm(self, payment):
         """Its acceptance reached the peer, and the peer's word on it is in (or there is no peer

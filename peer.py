@@ -88,8 +88,8 @@ RECONNECT_S = 0.25
 LOOKUP_TIMEOUT_S = 0.5
 HAND_OVER_TIMEOUT_S = 2.0
 ACK_DELAY_S = 0.003       # we say what we have read of the peer's acceptances within this (sooner with our own lines)
-GATE_POLL_S = 0.01        # how often held payments look again (adoption under way, deadlines)
-GATE_STALL_S = 0.1        # a poll this late means the process was not running meanwhile
+GATE_POLL_S = 0.05        # how often held payments look again (adoption under way, deadlines)
+GATE_STALL_S = 0.2        # a poll this late means the process was not running meanwhile
 _LINE = orjson.OPT_APPEND_NEWLINE     # one message per line, without copying it to add the newline
 
 # How a wait for the peer to read ends (replicated()).

@@ -153,11 +153,10 @@ class Router:
             return STOPPING
         if not instance.peer.ready:
             return STARTING
-        if book.accept(correlation_id, cents, monotonic()) is not payments.ACCEPTED:
+        if book.accept(correlation_id, cents, monotonic(), held=True) is not payments.ACCEPTED:
             return QUEUE_FULL
         peer = instance.peer
         payment = book.get(correlation_id)
-        book.hold(payment)
         if not peer.backlogged():
             self._hold_for_the_peer(payment)
             return ACCEPTED

@@ -136,9 +136,8 @@ def test_a_held_copy_that_took_over_the_peers_cannot_be_withdrawn():
     """A copy here, its 202 still waiting, takes over the dead peer's copy (answered 202 long ago):
     if the link then stalls, this copy's answer is not undone, since it is also the peer's."""
     book = PaymentBook(100, 100)
-    assert book.accept("b" * 36, 100, 1.0) == ACCEPTED
+    assert book.accept("b" * 36, 100, 1.0, held=True) == ACCEPTED
     mine = book.get("b" * 36)
-    book.hold(mine)
     theirs = Payment("b" * 36, 100, 0.5)
     theirs.requested_at, theirs.ambiguous, theirs.pinned = [1752150896789, None], [True, False], 0
     assert not book.adopt(theirs)
@@ -187,8 +186,7 @@ async def hold_then_confirm():
     runner = asyncio.get_running_loop().create_task(dispatcher.run())
     await asyncio.sleep(0)
     held, free = str(uuid.uuid4()), str(uuid.uuid4())
-    assert book.accept(held, 100, 0.0) == ACCEPTED
-    book.hold(book.get(held))
+    assert book.accept(held, 100, 0.0, held=True) == ACCEPTED
     await asyncio.sleep(0.05)
     attempted_while_held = book.get(held).attempts
     assert book.accept(free, 100, 0.0) == ACCEPTED      # behind it in the queue: goes on

@@ -21,7 +21,7 @@ ACCEPTED, ALREADY_ACCEPTED, CONFLICT, QUEUE_FULL = range(4)
 class Payment:
     __slots__ = ("correlation_id", "cents", "state", "attempts", "last_error",
                  "requested_at", "ambiguous", "unverified", "pinned", "paid_by", "accepted_at", "in_flight_to",
-                 "unconfirmed", "other_cents")
+                 "other_cents")
 
     def __init__(self, correlation_id, cents, accepted_at):
         self.correlation_id = correlation_id
@@ -45,9 +45,6 @@ class Payment:
         # Processor index while an attempt is under way there, or claimed for it at acceptance
         # (Dispatcher.claim): what the peer's replica is told the payment may have reached.
         self.in_flight_to = None
-        # Accepted, but its acceptance has not yet left this process for the peer (the peer is
-        # not reading): not attempted until that is decided (PaymentBook.hold / confirm / withdraw).
-        self.unconfirmed = False
         # The amount of another copy of this payment, accepted by the peer, that this one took over
         # (PaymentBook._merge): a processor holding it with that amount holds this payment.
         self.other_cents = None
@@ -182,7 +179,6 @@ class PaymentBook:
             self._forget_oldest_finished()
         self.pending += 1
         if held:
-            payment.unconfirmed = True
             self._held.add(payment)
         else:
             self.ready.append(payment)
@@ -237,13 +233,15 @@ class PaymentBook:
             self.on_ready()
         return waiting[0][0] if waiting else None
 
+    def is_held(self, payment):
+        return payment in self._held
+
     def queued(self):
         return len(self.ready) + len(self.pinned[0]) + len(self.pinned[1])
 
     def confirm(self, payment):
         """Its acceptance reached the peer, and the peer's word on it is in (or there is no peer
         any more): it may be paid now. Also for a held payment settled meanwhile (it is let go)."""
-        payment.unconfirmed = False
         if payment not in self._held:
             return
         self._held.discard(payment)
@@ -260,7 +258,6 @@ class PaymentBook:
                 or payment.other_cents is not None:
             return False
         payment.state = WITHDRAWN
-        payment.unconfirmed = False
         if self._index.get(payment.correlation_id) is payment:
             del self._index[payment.correlation_id]
         if payment in self._held:

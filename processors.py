@@ -361,7 +361,7 @@ class Dispatcher:
         if self._loop is None:
             return
         book = self._book
-        ahead = len(book.ready) + len(book.pinned[DEFAULT]) + payment.unconfirmed   # this payment included
+        ahead = len(book.ready) + len(book.pinned[DEFAULT]) + book.is_held(payment)   # this payment included
         free = self._max_in_flight[DEFAULT] - self.in_flight[DEFAULT]
         if ahead <= free and ahead <= self._tokens and self.breakers[DEFAULT].allows(self._loop.time()):
             payment.requested_at[DEFAULT] = now_ms()
@@ -380,8 +380,6 @@ class Dispatcher:
             if book.ready[0].state != PENDING:
                 book.ready.popleft()
                 continue
-            if book.ready[0].unconfirmed:           # (held payments wait out of the queue: a guard)
-                break
             processor = self._route(now)
             if processor is None:
                 break

@@ -195,8 +195,8 @@ class Router:
         accepted is kept on both sides (CLOCK_MONOTONIC is one clock for the host; instance 1 on
         a tie), so exactly one goes on."""
         instance = self.instance
-        if not payment.unconfirmed:
-            return                           # withdrawn meanwhile
+        if not instance.book.is_held(payment):
+            return                           # withdrawn meanwhile, or handed over
         if payment.state != payments.PENDING:
             instance.book.confirm(payment)   # settled by the peer's record meanwhile: only unparked
             return
